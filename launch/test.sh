@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment and run the whole test suite (slow end-to-end tests included).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bash "$here/launch/setup.sh" "${VENV:-$here/.venv}"
+cd "$here"
+"${VENV:-$here/.venv}/bin/python" -m pytest -q tests "$@"
