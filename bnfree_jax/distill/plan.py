@@ -1,0 +1,85 @@
+"""The PTL stage plan: which layer groups each stage trains, freezes or slows, its losses, its budget.
+
+A *group* is one layer of one network: `S:<layer>` (student) or `T:<layer>` (the working
+teacher copy T'). Every stage assigns every group exactly one label, so the plan covers
+every parameter exactly once per stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+TRAINABLE, SLOW, FROZEN, UNUSED = "trainable", "slow", "frozen", "unused"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str  # "local_init" | "tandem" | "finetune"
+    layer: int  # ℓ (1-based) for tandem stages; 0 otherwise
+    labels: dict  # group -> TRAINABLE | SLOW | FROZEN | UNUSED
+    steps: int
+    losses: dict  # loss name -> weight
+
+    @property
+    def num_student_layers(self) -> int:
+        """How many leading layers of the tandem network are student layers."""
+        return self.layer if self.kind == "tandem" else 0
+
+    def groups(self, label: str) -> list[str]:
+        return [g for g, lab in self.labels.items() if lab == label]
+
+
+def _group(role: str, name: str) -> str:
+    return f"{role}:{name}"
+
+
+def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
+    """Local initialisation, stages ℓ = 1..L, global fine-tune (config `ptl`)."""
+    L = len(layer_names)
+    s_groups = [_group("S", n) for n in layer_names]
+    t_groups = [_group("T", n) for n in layer_names]
+    plan = []
+    if ptl_cfg.local_init and ptl_cfg.local_init_steps >= 0:
+        labels = {g: TRAINABLE for g in s_groups} | {g: UNUSED for g in t_groups}
+        plan.append(Stage("local_init", "local_init", 0, labels, ptl_cfg.local_init_steps,
+                          {"layer_mse": 1.0}))
+    prefix = SLOW if ptl_cfg.prefix == "slow" else FROZEN
+    if ptl_cfg.prefix not in ("slow", "frozen"):
+        raise ValueError(f"ptl.prefix must be 'frozen' or 'slow', got {ptl_cfg.prefix!r}")
+    downstream = TRAINABLE if ptl_cfg.compensation else FROZEN
+    for l in range(1, L + 1):
+        labels = {}
+        for i in range(L):
+            if i < l - 1:
+                labels[s_groups[i]], labels[t_groups[i]] = prefix, UNUSED
+            elif i == l - 1:
+                labels[s_groups[i]], labels[t_groups[i]] = TRAINABLE, UNUSED
+            else:
+                labels[s_groups[i]], labels[t_groups[i]] = UNUSED, downstream
+        losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}
+        plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses))
+    if ptl_cfg.finetune_steps > 0:
+        labels = {g: TRAINABLE for g in s_groups} | {g: UNUSED for g in t_groups}
+        plan.append(Stage("finetune", "finetune", 0, labels, ptl_cfg.finetune_steps,
+                          {"ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}))
+    return plan
+
+
+def total_steps(plan: Sequence[Stage]) -> int:
+    return sum(s.steps for s in plan)
+
+
+def plan_table(plan: Sequence[Stage]):
+    """A rich Table of the plan (one row per stage)."""
+    from rich.table import Table
+
+    t = Table(title="PTL stage plan")
+    for col in ("stage", "steps", "trainable", "slow", "frozen", "losses"):
+        t.add_column(col)
+    short = lambda gs: ", ".join(gs) if gs else "-"
+    for s in plan:
+        t.add_row(s.name, str(s.steps), short(s.groups(TRAINABLE)), short(s.groups(SLOW)),
+                  short(s.groups(FROZEN)), ", ".join(f"{k}×{v:g}" for k, v in s.losses.items()))
+    return t

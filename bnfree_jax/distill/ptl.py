@@ -1,0 +1,107 @@
+"""Progressive tandem learning end to end: fold → local init → stages ℓ = 1..L → fine-tune.
+
+Every finished stage is recorded in the job's ledger with its metrics, and its trees are
+saved, so a rerun skips it; an unfinished stage resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnfree_jax.distill.fold import fold_student
+from bnfree_jax.distill.least_squares import least_squares_init
+from bnfree_jax.distill.plan import FROZEN, Stage, build_stage_plan
+from bnfree_jax.distill.stage_runner import Trees, run_stage
+from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_local_init_loss,
+                                       make_tandem_loss, tandem_roles, tandem_variables)
+from bnfree_jax.nn.network import STUDENT, TEACHER
+from bnfree_jax.pipeline.evaluate import evaluate_top1
+from bnfree_jax.pipeline.variables import load_variables, save_variables
+
+
+def _probe_images(ctx, n: int = 256) -> jnp.ndarray:
+    """A fixed batch of test images for per-layer error reports."""
+    src = ctx.test_source
+    return jnp.asarray(np.stack([src[i]["image"] for i in range(min(n, len(src)))]))
+
+
+def stage_loss(ctx, stage: Stage, student_net, teacher_net):
+    p = ctx.config.ptl
+    if stage.kind == "local_init":
+        return make_local_init_loss(student_net, teacher_net)
+    if stage.kind == "finetune":
+        return make_finetune_loss(student_net, teacher_net, stage.losses, p.kd_temperature)
+    tandem = ctx.network(tandem_roles(len(student_net.specs), stage.layer))
+    prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN
+                        for s in student_net.specs[: stage.layer - 1])
+    return make_tandem_loss(tandem, teacher_net, stage.layer, stage.losses, p.kd_temperature, prefix_frozen)
+
+
+def stage_metrics(ctx, stage: Stage, trees: Trees, student_net, teacher_net, probe) -> dict:
+    """Tandem top-1 after the stage and the relative MSE of every converted layer."""
+    L = len(student_net.specs)
+    l = stage.layer if stage.kind == "tandem" else L
+    net = ctx.network(tandem_roles(L, l))
+    variables = tandem_variables(net.specs, l, trees.S, trees.T, trees.Tbs)
+    errors = layer_errors(net, teacher_net, l, variables, trees.teacher, probe)
+    apply_fn = lambda p, ms, fr, x: net.apply({"params": p, "batch_stats": ms}, x, train=False)
+    top1 = evaluate_top1(ctx, apply_fn, variables["params"], variables["batch_stats"], {})
+    return {"tandem_top1": top1, "layer_mse": errors}
+
+
+def initial_trees(ctx, qat_vars, student_net, init: str, seed: int) -> Trees:
+    if init == "fold":
+        S = fold_student(student_net, qat_vars)
+    elif init == "scratch":
+        S = jax.device_get(student_net.init(jax.random.PRNGKey(seed), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))["params"])
+    else:
+        raise ValueError(f"unknown student init {init!r}")
+    return Trees(S=S, T=dict(qat_vars["params"]), Tbs=dict(qat_vars["batch_stats"]), teacher=qat_vars)
+
+
+def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fold") -> tuple[dict, list]:
+    """Run a stage plan; returns (student params, per-stage records)."""
+    c = ctx.config
+    student_net = ctx.network(STUDENT)
+    teacher_net = ctx.network(TEACHER)
+    trees = initial_trees(ctx, qat_vars, student_net, init, c.seed)
+    probe = _probe_images(ctx)
+    records, prev_state = [], None
+    for k, stage in enumerate(plan):
+        key = f"{variant}/{stage.name}"
+        out = ctx.workdir / variant / stage.name
+        if ledger.done(key):
+            saved = load_variables(out, {"S": trees.S, "T": trees.T})
+            trees = Trees(S=saved["S"], T=saved["T"], Tbs=trees.Tbs, teacher=trees.teacher)
+            records.append(ledger.get(key))
+            prev_state = None
+            continue
+        t0 = time.time()
+        extra = {}
+        if stage.kind == "local_init" and not (ctx.workdir / "checkpoints" / variant / stage.name).exists():
+            S, ls_err = least_squares_init(student_net, trees.S, teacher_net, trees.teacher,
+                                           ctx.train_batches(c.ptl.batch, seed_offset=100 + k))
+            trees = Trees(S=S, T=trees.T, Tbs=trees.Tbs, teacher=trees.teacher)
+            extra["least_squares_rel_residual"] = ls_err
+        optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
+        trees, prev_state = run_stage(ctx, stage, trees, stage_loss(ctx, stage, student_net, teacher_net),
+                                      optim, ctx.workdir / "checkpoints" / variant / stage.name,
+                                      seed=c.seed + 1000 + k, prev=prev_state)
+        metrics = stage_metrics(ctx, stage, trees, student_net, teacher_net, probe)
+        rec = {"name": stage.name, "kind": stage.kind, "steps": stage.steps,
+               "seconds": round(time.time() - t0, 2), "metrics": {**metrics, **extra}}
+        save_variables(out, {"S": trees.S, "T": trees.T})
+        ledger.mark_done(key, **rec)
+        ctx.log(f"[{variant}] {stage.name}: tandem top-1 {metrics['tandem_top1']:.4f}")
+        records.append(rec)
+    return trees.S, records
+
+
+def run_ptl(ctx, ledger, qat_vars) -> tuple[dict, list]:
+    names = [s.name for s in ctx.specs(quantized=True)]
+    return run_plan(ctx, ledger, qat_vars, build_stage_plan(ctx.config.ptl, names), "ptl")

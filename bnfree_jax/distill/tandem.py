@@ -1,0 +1,110 @@
+"""Per-device loss functions of the three stage kinds, over split trainable/frozen trees.
+
+Trees: `params = {"S": {layer: …}, "T": {layer: …}}` holds only the trainable (and slow)
+groups, `frozen` holds the rest plus the working copy's BN statistics (`"Tbs"`) and the
+original teacher's variables (`"teacher"`). Teacher parameters arrive as arguments, so
+they are never baked into the compiled step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bnfree_jax.distill.losses import relative_mse, task_losses
+from bnfree_jax.nn.network import STUDENT, TEACHER
+
+
+def merged(params: dict, frozen: dict, role: str) -> dict:
+    return {**frozen.get(role, {}), **params.get(role, {})}
+
+
+def tandem_variables(specs, l: int, student: dict, tprime: dict, tprime_stats: dict) -> dict:
+    """Variables of `[S_1..S_l, T'_{l+1}..T'_L]`."""
+    names = [s.name for s in specs]
+    p = {n: (student[n] if i < l else tprime[n]) for i, n in enumerate(names)}
+    bs = {n: tprime_stats[n] for n in names[l:] if n in tprime_stats}
+    return {"params": p, "batch_stats": bs}
+
+
+def tandem_roles(num_layers: int, l: int) -> tuple[str, ...]:
+    return tuple(STUDENT if i < l else TEACHER for i in range(num_layers))
+
+
+def teacher_targets(teacher_net, teacher_vars, images):
+    """The original teacher in inference mode: logits and per-layer (activation, pre-activation)."""
+    logits, trace = teacher_net.apply(teacher_vars, images, train=False, capture=True)
+    return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, trace)
+
+
+def make_tandem_loss(tandem_net, teacher_net, l: int, losses: dict, temperature: float,
+                     prefix_frozen: bool):
+    """Stage ℓ: layer-wise MSE of S_ℓ (student path) to the teacher's post-BN output, plus
+    CE + KD of the tandem logits. With a frozen prefix, S_1..S_{ℓ-1} run outside autodiff."""
+    specs = tandem_net.specs
+
+    def loss_fn(params, model_state, frozen, batch, rng):
+        del model_state, rng
+        student, tprime = merged(params, frozen, "S"), merged(params, frozen, "T")
+        variables = tandem_variables(specs, l, student, tprime, frozen["Tbs"])
+        images = batch["image"]
+        t_logits, t_trace = teacher_targets(teacher_net, frozen["teacher"], images)
+        if prefix_frozen and l > 1:
+            h = jax.lax.stop_gradient(tandem_net.apply(variables, images, stop=l - 1))
+            logits, trace = tandem_net.apply(variables, h, start=l - 1, capture=True)
+        else:
+            logits, trace = tandem_net.apply(variables, images, capture=True)
+            trace = trace[l - 1:]
+        layer_mse = relative_mse(trace[0][1], t_trace[l - 1][1])
+        task, parts = task_losses(logits, batch["label"], t_logits, losses, temperature)
+        loss = losses.get("layer_mse", 0.0) * layer_mse + task
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, ({}, {"layer_mse": layer_mse, "accuracy": acc, **parts})
+
+    return loss_fn
+
+
+def make_local_init_loss(student_net, teacher_net):
+    """Every student layer fitted at once, each on the teacher's input to that layer."""
+    specs = student_net.specs
+
+    def loss_fn(params, model_state, frozen, batch, rng):
+        del model_state, rng
+        student = merged(params, frozen, "S")
+        images = batch["image"]
+        _, t_trace = teacher_targets(teacher_net, frozen["teacher"], images)
+        total, metrics = 0.0, {}
+        for i, spec in enumerate(specs):
+            x = images if i == 0 else t_trace[i - 1][0]
+            _, trace = student_net.apply({"params": student}, x, start=i, stop=i + 1, capture=True)
+            err = relative_mse(trace[0][1], t_trace[i][1])
+            metrics[f"mse/{spec.name}"] = err
+            total = total + err
+        return total / len(specs), ({}, metrics)
+
+    return loss_fn
+
+
+def make_finetune_loss(student_net, teacher_net, losses: dict, temperature: float):
+    """The whole student end to end on CE + KD (global fine-tune, and the QAT baselines)."""
+
+    def loss_fn(params, model_state, frozen, batch, rng):
+        del model_state, rng
+        student = merged(params, frozen, "S")
+        logits = student_net.apply({"params": student}, batch["image"])
+        if losses.get("kd", 0.0):
+            t_logits, _ = teacher_targets(teacher_net, frozen["teacher"], batch["image"])
+        else:
+            t_logits = logits
+        loss, parts = task_losses(logits, batch["label"], t_logits, losses, temperature)
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, ({}, {"accuracy": acc, **parts})
+
+    return loss_fn
+
+
+def layer_errors(tandem_net, teacher_net, l: int, variables, teacher_vars, images) -> dict:
+    """Relative MSE of every converted layer 1..ℓ of a tandem network vs the teacher path."""
+    _, t_trace = teacher_targets(teacher_net, teacher_vars, images)
+    _, trace = tandem_net.apply(variables, images, capture=True)
+    return {tandem_net.specs[i].name: float(relative_mse(trace[i][1], t_trace[i][1])) for i in range(l)}

@@ -1,0 +1,1 @@
+"""Export: integerisation of a trained student and the integer artifact writer."""

@@ -1,0 +1,104 @@
+"""Model zoo as data: each network is a list of `LayerSpec`, so distillation stages,
+export and the interpreter can all address layer ℓ by name without touching Flax code."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+FLOAT_BITS = 32  # a bit width of 32 means "not quantised" (the float teacher)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One conv or dense layer: op → (BN | IntScale) → activation → [max-pool]."""
+
+    name: str
+    kind: str  # "conv" | "dense"
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    padding: str = "SAME"
+    pool: int = 0  # max-pool window (= stride); 0 for none
+    w_bits: int = FLOAT_BITS
+    a_bits: int = FLOAT_BITS  # bits of this layer's output activation
+    last: bool = False  # the logits layer: no activation, no BN in the teacher
+
+    @property
+    def quantized(self) -> bool:
+        return self.w_bits < FLOAT_BITS
+
+
+def _conv(name, features, kernel, pool=0, stride=1):
+    return LayerSpec(name=name, kind="conv", features=features, kernel=kernel, stride=stride, pool=pool)
+
+
+def _dense(name, features, last=False):
+    return LayerSpec(name=name, kind="dense", features=features, kernel=1, last=last)
+
+
+def alexnet_mini(num_classes: int = 10) -> list[LayerSpec]:
+    """The MNIST network: 5 convs, 3 dense layers."""
+    return [
+        _conv("conv1", 32, 5, pool=2),
+        _conv("conv2", 64, 3, pool=2),
+        _conv("conv3", 96, 3),
+        _conv("conv4", 96, 3),
+        _conv("conv5", 64, 3, pool=2),
+        _dense("fc6", 256),
+        _dense("fc7", 256),
+        _dense("fc8", num_classes, last=True),
+    ]
+
+
+def alexnet_cifar(num_classes: int = 10) -> list[LayerSpec]:
+    """The 32×32 network used for CIFAR-10 and the benchmarks."""
+    return [
+        _conv("conv1", 64, 3, pool=2),
+        _conv("conv2", 128, 3, pool=2),
+        _conv("conv3", 256, 3),
+        _conv("conv4", 256, 3, pool=2),
+        _dense("fc5", 512),
+        _dense("fc6", num_classes, last=True),
+    ]
+
+
+def alexnet(num_classes: int = 1000) -> list[LayerSpec]:
+    """BN-AlexNet as used by quantised-network papers (conv 96-256-384-384-256, fc 4096-4096)."""
+    return [
+        _conv("conv1", 96, 11, pool=2, stride=4),
+        _conv("conv2", 256, 5, pool=2),
+        _conv("conv3", 384, 3),
+        _conv("conv4", 384, 3),
+        _conv("conv5", 256, 3, pool=2),
+        _dense("fc6", 4096),
+        _dense("fc7", 4096),
+        _dense("fc8", num_classes, last=True),
+    ]
+
+
+MODELS = {"alexnet_mini": alexnet_mini, "alexnet_cifar": alexnet_cifar, "alexnet": alexnet}
+
+
+def with_bits(specs: Sequence[LayerSpec], w_bits: int, a_bits: int, first_last_w_bits: int = 8) -> list[LayerSpec]:
+    """Assign bit widths: W/A everywhere, first and last layer weights at `first_last_w_bits`.
+
+    `w_bits == a_bits == 32` gives the float network. Every hidden layer outputs A-bit
+    activations; the last layer outputs logits.
+    """
+    for b in (w_bits, a_bits, first_last_w_bits):
+        if not (1 <= b <= 8 or b == FLOAT_BITS):
+            raise ValueError(f"bit width {b} is outside 1..8 (or 32 for float)")
+    out = []
+    for i, s in enumerate(specs):
+        edge = i == 0 or s.last
+        wb = w_bits if w_bits == FLOAT_BITS else (first_last_w_bits if edge else w_bits)
+        out.append(dataclasses.replace(s, w_bits=wb, a_bits=FLOAT_BITS if s.last else a_bits))
+    return out
+
+
+def get_layer_specs(model: str, num_classes: int, w_bits: int = FLOAT_BITS, a_bits: int = FLOAT_BITS,
+                    first_last_w_bits: int = 8) -> list[LayerSpec]:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
+    return with_bits(MODELS[model](num_classes), w_bits, a_bits, first_last_w_bits)

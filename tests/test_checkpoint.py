@@ -1,0 +1,201 @@
+"""Checkpoint round trip, fallback on corruption, exact resume, NaN and preemption stops."""
+
+import glob
+import json
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _multidevice_step import TinyNet, init_model, make_loss_fn, synthetic_batch  # noqa: E402
+
+from bnfree_jax.train import (Checkpointer, NonFiniteLoss, Preempted, abstract_like,  # noqa: E402
+                              create_train_state, make_mesh, make_train_step, preemption_guard,
+                              put_replicated, restore_or_init, run_loop)
+
+TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.01, weight_decay=1e-3))
+FROZEN = {"temp": jnp.float32(1.0)}
+
+
+class Batches:
+    """A deterministic, checkpointable batch iterator: batch ``i`` depends on ``i`` only."""
+
+    def __init__(self, poison_at=None, on_index=None):
+        self.index, self.poison_at, self.on_index = 0, poison_at, on_index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = synthetic_batch(4, 100 + self.index)
+        if self.index == self.poison_at:
+            b["image"][0, 0, 0, 0] = np.nan
+        if self.on_index is not None:
+            self.on_index(self.index)
+        self.index += 1
+        return b
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = int(state["index"])
+
+
+def fresh(mesh):
+    """Everything a new process would rebuild: model, state, compiled step."""
+    model = TinyNet()
+    params, model_state = init_model(model)
+    state = put_replicated(create_train_state(params, TX, model_state=model_state, rng=5), mesh)
+    return state, make_train_step(make_loss_fn(model), TX, mesh)
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh()
+
+
+def test_round_trip_keeps_everything_including_the_typed_key(tmp_path, mesh):
+    state, step = fresh(mesh)
+    state, _ = step(state, FROZEN, {k: jnp.asarray(v) for k, v in synthetic_batch(4, 0).items()})
+    expected = jax.device_get(state)
+    with Checkpointer(tmp_path / "ck", save_every=1, keep=2) as ck:
+        assert ck.save(1, state, {"stage": "s2", "data": {"index": 7}})
+    ck2 = Checkpointer(tmp_path / "ck", save_every=1, keep=2)
+    restored, extra, at = ck2.restore_latest(abstract_like(state, mesh))
+    ck2.close()
+    assert at == 1 and extra == {"stage": "s2", "data": {"index": 7}}
+    assert jnp.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
+    assert str(jax.random.key_impl(restored.rng)) == str(jax.random.key_impl(expected.rng))
+    leaves_equal(restored, expected)
+    assert Checkpointer(tmp_path / "empty", save_every=1).restore_latest(
+        abstract_like(state, mesh)) is None
+
+
+def _garble(paths):
+    for p in paths:
+        b = bytearray(open(p, "rb").read())
+        for i in range(len(b) // 2, len(b)):
+            b[i] ^= 0xA5
+        open(p, "wb").write(bytes(b))
+
+
+# A failed orbax read leaves an un-awaited coroutine behind; that noise is orbax's.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["garble", "delete"])
+def test_corrupt_latest_falls_back_to_previous_and_says_so(tmp_path, mesh, damage):
+    state, _ = fresh(mesh)
+    ck = Checkpointer(tmp_path / "ck", save_every=2, keep=3, async_save=False)
+    s2 = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: x + 2, state.params))
+    s4 = state.replace(step=jnp.int32(4), params=jax.tree.map(lambda x: x + 4, state.params))
+    ck.save(2, s2, {"n": 2})
+    ck.save(4, s4, {"n": 4})
+    ck.close()
+    data = glob.glob(str(tmp_path / "ck" / "4" / "state" / "d" / "*"))
+    assert data
+    if damage == "garble":
+        _garble(data)
+    else:
+        for p in data:
+            os.remove(p)
+    messages = []
+    ck = Checkpointer(tmp_path / "ck", save_every=2, keep=3, log=messages.append)
+    restored, extra, at = ck.restore_latest(abstract_like(state, mesh))
+    assert at == 2 and extra == {"n": 2}
+    leaves_equal(restored.params, jax.device_get(s2.params))
+    assert any("step 4" in m and "falling back" in m for m in messages), messages
+    # The bad step is moved aside, so the run can write step 4 again.
+    assert ck.all_steps() == [2] and os.path.isdir(tmp_path / "ck" / "4.corrupt")
+    assert ck.save(4, s4, {"n": 4}, force=True)
+    ck.close()
+
+
+def test_resume_is_bitwise_exact(tmp_path, mesh):
+    n, k = 6, 3
+    state, step = fresh(mesh)
+    full = run_loop(step_fn=step, state=state, frozen=FROZEN, batches=Batches(), mesh=mesh,
+                    num_steps=n, progress=False)
+
+    # First run stops after k steps (its checkpoint), then everything is rebuilt.
+    it = Batches()
+    ck = Checkpointer(tmp_path / "ck", save_every=k, keep=2)
+    state, step = fresh(mesh)
+    run_loop(step_fn=step, state=state, frozen=FROZEN, batches=it, data_iterator=it, mesh=mesh,
+             num_steps=k, checkpointer=ck, extra={"stage": "a"}, progress=False)
+    ck.close()
+    it = Batches()
+    ck = Checkpointer(tmp_path / "ck", save_every=k, keep=2)
+    state, step = fresh(mesh)
+    state, extra = restore_or_init(ck, state, it, mesh)
+    assert int(state.step) == k and it.index == k and extra["stage"] == "a"
+    metrics = tmp_path / "m.jsonl"
+    resumed = run_loop(step_fn=step, state=state, frozen=FROZEN, batches=it, data_iterator=it,
+                       mesh=mesh, num_steps=n, checkpointer=ck, metrics_path=metrics,
+                       phase="stage_a", log_every=1, progress=True)
+    ck.close()
+    assert int(resumed.step) == n
+    leaves_equal(resumed.params, full.params)
+    leaves_equal(resumed.model_state, full.model_state)
+    leaves_equal(resumed.opt_state, full.opt_state)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.params),
+                                                        jax.tree.leaves(fresh(mesh)[0].params)))
+    lines = [json.loads(x) for x in open(metrics)]
+    assert [r["step"] for r in lines] == [4, 5, 6]
+    assert all(r["phase"] == "stage_a" and np.isfinite(r["loss"]) and "acc" in r for r in lines)
+
+
+def test_nan_loss_stops_without_saving_that_step(tmp_path, mesh):
+    state, step = fresh(mesh)
+    ck = Checkpointer(tmp_path / "ck", save_every=2, keep=5)
+    it = Batches(poison_at=3)  # the 4th batch, i.e. step 4, a save step
+    with pytest.raises(NonFiniteLoss) as err:
+        run_loop(step_fn=step, state=state, frozen=FROZEN, batches=it, data_iterator=it,
+                 mesh=mesh, num_steps=6, checkpointer=ck, phase="stage3", progress=False)
+    assert err.value.step == 4 and err.value.phase == "stage3"
+    msg = str(err.value)
+    assert "step 4" in msg and "stage3" in msg and "\n" not in msg
+    ck.close()
+    assert Checkpointer(tmp_path / "ck", save_every=2).all_steps() == [2]
+
+
+def test_sigterm_saves_then_raises_preempted(tmp_path, mesh):
+    state, step = fresh(mesh)
+    before = signal.getsignal(signal.SIGTERM)
+    ck = Checkpointer(tmp_path / "ck", save_every=100, keep=2)
+    it = Batches(on_index=lambda i: i == 2 and os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Preempted) as err:
+        run_loop(step_fn=step, state=state, frozen=FROZEN, batches=it, data_iterator=it,
+                 mesh=mesh, num_steps=50, checkpointer=ck, phase="teacher", progress=False)
+    assert err.value.step == 3 and err.value.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+    ck.close()
+    ck = Checkpointer(tmp_path / "ck", save_every=100)
+    restored, extra, at = ck.restore_latest(abstract_like(fresh(mesh)[0], mesh))
+    assert at == 3 and int(restored.step) == 3
+    assert extra["data"] == {"index": 3} and extra["phase"] == "teacher"
+    ck.close()
+
+
+def test_preemption_guard_flags_sigint_and_restores_handlers():
+    before = signal.getsignal(signal.SIGINT)
+    with preemption_guard() as guard:
+        assert not guard.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested and guard.signal_name == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is before
