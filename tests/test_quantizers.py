@@ -315,8 +315,9 @@ def test_qtensor_dequantize_gradients_equal_plain_gradients():
       lambda x, s, q: dorefa_activation(x * s, 2, as_qtensor=q),
   ]
   for f in cases:
-    plain = jax.grad(lambda x, s: jnp.sum(w * f(x, s, False)), (0, 1))(x, s)
-    viaqt = jax.grad(lambda x, s: jnp.sum(w * f(x, s, True).dequantize()), (0, 1))(x, s)
+    plain = jax.jit(jax.grad(lambda x, s: jnp.sum(w * f(x, s, False)), (0, 1)))(x, s)
+    viaqt = jax.jit(jax.grad(lambda x, s: jnp.sum(w * f(x, s, True).dequantize()),
+                             (0, 1)))(x, s)
     for a, b in zip(plain, viaqt):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -343,11 +344,11 @@ def test_jit_vmap_grad_compose():
     h = x @ symmetric_weight(w, 3, channel_axis=-1)
     return jnp.sum(lsq_quantize(pact_quantize(h, alpha, 4), step, 4, False) ** 2)
 
-  grad = jax.grad(loss, argnums=(0, 2, 3))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 2, 3)))
   # step and alpha keep every value off the clip bounds: exactly at a bound the
   # gradient hinges on the last bit of x/step, which XLA may compute differently.
   args = (F32(0.13), F32(1.7))
-  per_ex = jax.jit(jax.vmap(grad, in_axes=(None, 0, None, None)))(w, x, *args)
+  per_ex = jax.vmap(grad, in_axes=(None, 0, None, None))(w, x, *args)
   loop = [grad(w, x[i], *args) for i in range(x.shape[0])]
   for k in range(3):
     np.testing.assert_allclose(per_ex[k], np.stack([l[k] for l in loop]), rtol=1e-5, atol=1e-6)

@@ -93,7 +93,7 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
                                       optim, ctx.workdir / "checkpoints" / variant / stage.name,
                                       seed=c.seed + 1000 + k, prev=prev_state)
         metrics = stage_metrics(ctx, stage, trees, student_net, teacher_net, probe)
-        rec = {"name": stage.name, "kind": stage.kind, "steps": stage.steps,
+        rec = {"order": k, "variant": variant, "name": stage.name, "kind": stage.kind, "steps": stage.steps,
                "seconds": round(time.time() - t0, 2), "metrics": {**metrics, **extra}}
         save_variables(out, {"S": trees.S, "T": trees.T})
         ledger.mark_done(key, **rec)

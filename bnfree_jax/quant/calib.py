@@ -44,17 +44,24 @@ def bin_rows(m_rows, ranges, num_bins):
 
 
 def percentile_from_hist(hist, width, pct):
-  """Value below which ``pct`` percent of the histogram mass lies (linear in-bin)."""
+  """``np.percentile``'s estimate (linear between order statistics, rank
+  ``p (N-1)``) read off a histogram, each bin's samples spread evenly over it."""
   cdf = np.cumsum(hist)
   total = cdf[-1]
   if total == 0:
     return 0.0
-  target = pct / 100.0 * total
-  b = int(np.searchsorted(cdf, target, side="left"))
-  b = min(b, len(hist) - 1)
-  below = cdf[b - 1] if b > 0 else 0.0
-  frac = (target - below) / hist[b] if hist[b] > 0 else 1.0
-  return (b + frac) * width
+
+  def order_stat(k):  # k-th smallest (0-based), at its slot's centre within the bin
+    b = min(int(np.searchsorted(cdf, k, side="right")), len(hist) - 1)
+    below = cdf[b - 1] if b > 0 else 0.0
+    return (b + (k - below + 0.5) / max(hist[b], 1.0)) * width
+
+  rank = pct / 100.0 * (total - 1)
+  lo = np.floor(rank)
+  value = order_stat(lo)
+  if rank > lo:
+    value += (rank - lo) * (order_stat(lo + 1) - value)
+  return float(value)
 
 
 def entropy_from_hist(hist, width, bits, signed, start_bin=128, stride=1):

@@ -53,13 +53,18 @@ class StreamingCalibrator:
     # the last bin by clipping and pairwise merging stays exact. Zeros seen
     # before the first non-zero batch sit in bin 0 either way.
     self._range[fresh] = bmax[fresh] * (1 + 2.0 ** -10)
-    for c in np.nonzero(bmax >= self._range)[0]:
+    for c in np.nonzero((bmax >= self._range) & (self._range > 0))[0]:
       k = 0
       while self._range[c] * 2 ** k <= bmax[c]:
         k += 1
       j = np.arange(self.num_bins) >> k
       self._hist[c] = np.bincount(j, weights=self._hist[c], minlength=self.num_bins)
       self._range[c] *= 2 ** k
+
+  @property
+  def histogram(self):
+    """(counts (C, num_bins), ranges (C,)): bins of width range/num_bins from 0."""
+    return self._hist.copy(), self._range.copy()
 
   def compute_amax(self):
     """The calibrated amax, float32, keepdims shape as ``calibrate``."""

@@ -10,7 +10,8 @@ newer one is unreadable (orbax's OCDBT store checksums its data, so a garbled
 or missing file fails loudly); the unreadable step directories are renamed
 ``<step>.corrupt`` so later saves of that step do not collide, and the ``log``
 callback says what happened.  All processes call every method: orbax writes
-shared metadata from the primary host only.
+shared metadata, and the JSON ``extra``, from the primary host only, so
+``extra`` must be the same on every host (e.g. a step-based data position).
 """
 
 from __future__ import annotations

