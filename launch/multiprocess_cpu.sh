@@ -71,10 +71,12 @@ for ((i = 0; i < n; i++)); do
   echo "[launch] process $i pid $! (coordinator 127.0.0.1:$port, $k devices)" >&2
 done
 
-status=0; left=$n
+status=0; left=$n; running=("${pids[@]}")
 while [[ $left -gt 0 ]]; do
-  rc=0; wait -n -p done_pid "${pids[@]}" || rc=$?
+  rc=0; done_pid=; wait -n -p done_pid "${running[@]}" || rc=$?
   left=$((left - 1))
+  rest=(); for p in "${running[@]}"; do [[ $p == "$done_pid" ]] || rest+=("$p"); done
+  running=("${rest[@]}")
   if [[ $rc -ne 0 ]]; then
     echo "[launch] pid ${done_pid:-?} exited with status $rc; stopping the others" >&2
     status=$rc

@@ -1,0 +1,276 @@
+"""The report's figures, drawn with matplotlib's object API on the Agg canvas.
+
+Pure functions from plain data to one PNG each; no pyplot, so no global figure state
+and no display backend. Each returns the path it wrote, or None when there is nothing
+to draw.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bnfree_jax.nn.zoo import FLOAT_BITS
+
+DPI = 110
+NA_COLOR = "0.55"
+
+
+def _figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def layer_label(spec) -> str:
+    w = "f" if spec.w_bits >= FLOAT_BITS else str(spec.w_bits)
+    a = "logits" if spec.last else ("f" if spec.a_bits >= FLOAT_BITS else str(spec.a_bits))
+    return f"{spec.name}\nW{w} A{a}" if not spec.last else f"{spec.name}\nW{w} {a}"
+
+
+def _na(ax, x: float, text: str = "n/a") -> None:
+    ax.text(x, 0.02, text, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+            color=NA_COLOR, fontsize=8, rotation=90)
+
+
+def _layer_axis(ax, labels: Sequence[str]) -> None:
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_scales(stats, path: Path, per_channel: bool) -> Optional[Path]:
+    """Left: student weight scale per layer (per-channel: min–max bar, median dot). Right: PACT step."""
+    if stats is None:
+        return None
+    labels = [layer_label(s) for s in stats.specs]
+    fig = _figure(12, 4.2)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, ws in enumerate(stats.weight_scale):
+        if ws is None or ws.size == 0:
+            _na(ax, i)
+        elif ws.size == 1:
+            ax.plot(i, ws[0], "o", color="C0", ms=7)
+        else:
+            med = float(np.median(ws))
+            ax.errorbar(i, med, yerr=[[med - ws.min()], [ws.max() - med]], fmt="o", color="C0",
+                        ecolor="C0", elinewidth=6, alpha=0.8, capsize=0)
+    ax.set_yscale("log")
+    ax.set_title("student weight scale max|w|/(2^(W-1)-1)" + (" — per channel (min–max, median)"
+                                                             if per_channel else " — per tensor"), fontsize=10)
+    ax.set_ylabel("scale (float per integer step)")
+    _layer_axis(ax, labels)
+    vals = [(i, v) for i, v in enumerate(stats.act_scale) if v is not None]
+    for i, v in vals:
+        bx.bar(i, v, color="C1", width=0.6)
+        bx.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    for i, v in enumerate(stats.act_scale):
+        if v is None:
+            _na(bx, i, "n/a (no PACT)")
+    bx.set_title("student activation step act_alpha/(2^A-1)", fontsize=10)
+    bx.set_ylabel("activation scale")
+    if not vals:
+        bx.set_ylim(0, 1)
+    _layer_axis(bx, labels)
+    return _save(fig, path)
+
+
+def plot_clipping_headroom(stats, manifest_layers: list, path: Path) -> Optional[Path]:
+    """Left: % of student pre-activations above act_alpha. Right: accumulator headroom bits."""
+    if stats is None and not manifest_layers:
+        return None
+    fig = _figure(12, 4.2)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    if stats is not None:
+        labels = [layer_label(s) for s in stats.specs]
+        top = 0.0
+        for i, r in enumerate(stats.clip_ratio):
+            if r is None:
+                _na(ax, i)
+                continue
+            ax.bar(i, 100 * r, color="C3", width=0.6)
+            ax.text(i, 100 * r, f"{100 * r:.2f}%", ha="center", va="bottom", fontsize=8)
+            top = max(top, 100 * r)
+        ax.set_ylim(0, max(1.0, top * 1.2))
+        _layer_axis(ax, labels)
+        ax.set_title(f"clipping: pre-activations > act_alpha ({stats.n_probe} test images)", fontsize=10)
+    else:
+        ax.text(0.5, 0.5, "no student available", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("clipping", fontsize=10)
+    ax.set_ylabel("clipped fraction (%)")
+    if manifest_layers:
+        hb = [l.get("headroom_bits") for l in manifest_layers]
+        for i, h in enumerate(hb):
+            if h is None:
+                _na(bx, i)
+                continue
+            bx.bar(i, h, color="C2" if h > 0 else "C3", width=0.6)
+            bx.text(i, h, str(h), ha="center", va="bottom" if h >= 0 else "top", fontsize=8)
+        bx.axhline(0, color="k", lw=0.8)
+        names = [f"{l.get('name', i)}\nacc≤{_short(l.get('acc_bound'))}" for i, l in enumerate(manifest_layers)]
+        _layer_axis(bx, names)
+    else:
+        bx.text(0.5, 0.5, "no exported artifact", ha="center", va="center", transform=bx.transAxes)
+    bx.set_title("int32 accumulator headroom: 31 − bitlength(bound)", fontsize=10)
+    bx.set_ylabel("headroom (bits)")
+    return _save(fig, path)
+
+
+def _short(v) -> str:
+    if v is None:
+        return "?"
+    v = float(v)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.0f}"
+
+
+def plot_histograms(stats, path: Path, ncols: int = 4) -> Optional[Path]:
+    """One subplot per layer: teacher (post-BN) vs student (post-IntScale) pre-activations."""
+    if stats is None or all(p is None for p in stats.student_pre):
+        return None
+    n = len(stats.names)
+    rows = math.ceil(n / ncols)
+    fig = _figure(3.2 * ncols, 2.6 * rows)
+    for i, (spec, s, t, alpha) in enumerate(zip(stats.specs, stats.student_pre, stats.teacher_pre,
+                                                 stats.act_alpha)):
+        ax = fig.add_subplot(rows, ncols, i + 1)
+        both = np.concatenate([x for x in (s, t) if x is not None])
+        lo, hi = np.percentile(both, [0.1, 99.9]) if both.size else (0.0, 1.0)
+        if alpha is not None:
+            hi = max(hi, alpha * 1.05)
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 61)
+        if t is not None:
+            ax.hist(np.clip(t, lo, hi), bins=bins, density=True, alpha=0.45, color="C0", label="teacher (QAT, BN)")
+        if s is not None:
+            ax.hist(np.clip(s, lo, hi), bins=bins, density=True, histtype="step", lw=1.5, color="C3",
+                    label="student")
+        if alpha is not None:
+            ax.axvline(alpha, color="k", ls="--", lw=1, label="student act_alpha")
+        ax.set_title(layer_label(spec).replace("\n", "  "), fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+        if i % ncols == 0:
+            ax.set_ylabel("density", fontsize=8)
+        if i >= n - ncols:
+            ax.set_xlabel("pre-activation", fontsize=8)
+        if i == 0:
+            ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"pre-activation distributions, {stats.n_probe} test images (tails clipped to 0.1–99.9 %)",
+                 fontsize=11)
+    return _save(fig, path)
+
+
+def plot_layer_loss(stages: list, path: Path) -> Optional[Path]:
+    """One line per layer: relative MSE vs the teacher after each PTL stage (log y)."""
+    stages = [s for s in stages if (s.get("metrics") or {}).get("layer_mse")]
+    if not stages:
+        return None
+    layers = list(dict.fromkeys(k for s in stages for k in s["metrics"]["layer_mse"]))
+    fig = _figure(max(7.0, 0.9 * len(stages) + 4), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for j, layer in enumerate(layers):
+        ys = [s["metrics"]["layer_mse"].get(layer) for s in stages]
+        ys = [y if y is not None and y > 0 else np.nan for y in ys]
+        ax.plot(range(len(stages)), ys, "o-", color=f"C{j % 10}", label=layer, ms=4,
+                ls="-" if j < 10 else "--")
+    ax.set_yscale("log")
+    _layer_axis(ax, [s["name"] for s in stages])
+    for lab in ax.get_xticklabels():
+        lab.set_rotation(30)
+        lab.set_ha("right")
+    ax.set_xlabel("PTL stage (in order)")
+    ax.set_ylabel("layer target loss (relative MSE)")
+    ax.set_title("layer-wise target loss across stages", fontsize=11)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="layer", title_fontsize=8)
+    return _save(fig, path)
+
+
+PANELS = (("teacher", "float BN teacher"), ("qat", "QAT BN teacher"), ("local_init", "PTL: local init"),
+          ("tandem", "PTL: tandem stages ℓ = 1..L"), ("finetune", "PTL: global fine-tune"), ("other", "other phases"))
+
+
+def phase_kind(phase: str) -> str:
+    if phase in ("teacher", "qat", "local_init", "finetune"):
+        return phase
+    if re.match(r"stage\d+_", phase):
+        return "tandem"
+    return "other"
+
+
+def plot_training(curves: dict, path: Path) -> Optional[Path]:
+    """Loss vs step, one subplot per phase kind; tandem stages are laid end to end."""
+    groups: dict = {}
+    for phase, (steps, losses) in curves.items():
+        if steps:
+            groups.setdefault(phase_kind(phase), []).append((phase, steps, losses))
+    panels = [(k, t) for k, t in PANELS if k in groups]
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    rows = math.ceil(len(panels) / ncols)
+    fig = _figure(4.6 * ncols, 3.4 * rows)
+    for p, (kind, title) in enumerate(panels):
+        ax = fig.add_subplot(rows, ncols, p + 1)
+        offset = 0
+        series = groups[kind]
+        for j, (phase, steps, losses) in enumerate(series):
+            x = np.asarray(steps) + (offset if kind == "tandem" else 0)
+            ax.plot(x, losses, "-", marker="." if len(steps) < 30 else None, color=f"C{j % 10}",
+                    label=phase if len(series) > 1 else None, lw=1.2)
+            if kind == "tandem":
+                if j:
+                    ax.axvline(offset, color="0.8", lw=0.8)
+                offset = int(x.max())
+        all_losses = np.concatenate([np.asarray(l) for _, _, l in series])
+        if np.all(all_losses > 0) and all_losses.max() / max(all_losses.min(), 1e-12) > 20:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("cumulative step" if kind == "tandem" else "step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7, ncol=2 if len(series) > 5 else 1)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_bits(series: dict, path: Path) -> Optional[Path]:
+    """Test top-1 (mean ± std over seeds) per bit-width configuration, one line per method."""
+    if not series:
+        return None
+    configs = sorted({(w, a) for pts in series.values() for w, a, *_ in pts})
+    index = {c: i for i, c in enumerate(configs)}
+    fig = _figure(max(6.5, 1.1 * len(configs) + 3), 4.3)
+    ax = fig.add_subplot(1, 1, 1)
+    n = len(series)
+    for j, (label, pts) in enumerate(sorted(series.items())):
+        dx = (j - (n - 1) / 2) * 0.06  # small dodge so error bars do not overlap
+        x = [index[(w, a)] + dx for w, a, *_ in pts]
+        seeds = max(p[4] for p in pts)
+        ax.errorbar(x, [p[2] for p in pts], yerr=[p[3] for p in pts], fmt="o-", capsize=3, ms=5,
+                    color=f"C{j % 10}", label=f"{label} (≤{seeds} seed{'s' if seeds > 1 else ''})")
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels([f"W{w}A{a}" for w, a in configs])
+    ax.set_xlabel("weight / activation bits")
+    ax.set_ylabel("test top-1")
+    ax.set_title("accuracy vs bit width (mean ± std over seeds)", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

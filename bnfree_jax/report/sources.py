@@ -1,0 +1,72 @@
+"""Read the job's side files for the report: training log, artifact manifest, sweep results.
+
+Each reader returns an empty value when its file is missing or unreadable, so a report
+of a partial job still gets written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.jsonl → {phase: (steps, losses)} in file order of first appearance, sorted by step.
+
+    A resumed phase may log a step twice; the last value wins.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    by_phase: dict = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        loss = rec.get("loss")
+        if not isinstance(rec, dict) or "step" not in rec or not isinstance(loss, (int, float)):
+            continue
+        if not math.isfinite(loss):
+            continue
+        by_phase.setdefault(str(rec.get("phase", "train")), {})[int(rec["step"])] = float(loss)
+    return {ph: (sorted(d), [d[k] for k in sorted(d)]) for ph, d in by_phase.items()}
+
+
+def read_manifest(workdir: Path) -> dict:
+    path = Path(workdir) / "export" / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_sweep(workdir: Path) -> list:
+    """Rows of DIR/sweep/results.json that carry a method, bit widths and a top-1."""
+    path = Path(workdir) / "sweep" / "results.json"
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    keep = ("method", "w_bits", "a_bits", "top1")
+    return [r for r in rows if isinstance(r, dict) and all(r.get(k) is not None for k in keep)]
+
+
+def sweep_series(rows: list) -> dict:
+    """{method label: [(w_bits, a_bits, mean top-1, std top-1, n seeds)]} sorted by bits.
+
+    Rows of one method with different requantisation granularity become separate series.
+    """
+    requants = {r.get("requant") for r in rows}
+    groups = defaultdict(list)
+    for r in rows:
+        label = str(r["method"]) + (f" ({r.get('requant')})" if len(requants) > 1 else "")
+        groups[(label, int(r["w_bits"]), int(r["a_bits"]))].append(float(r["top1"]))
+    out = defaultdict(list)
+    for (label, w, a), vals in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        out[label].append((w, a, mean, std, len(vals)))
+    return dict(out)

@@ -1,0 +1,83 @@
+"""The paper's setting: BN-AlexNet teacher on ImageNet (224×224), W4A4 student with
+8-bit first and last layers, budgets written for a v4-32 pod (global batch 1024).
+
+Arguments (after the colon, comma-separated): bit widths `w1a1`, `w2a2`, `w4a4`,
+`w8a8`; `channel` for per-channel requantisation; `tiny` for a reduced-resolution
+smoke run (64×64, a handful of steps) on a small local copy of imagenet2012, e.g.
+`--config configs/alexnet_imagenet.py:tiny data.data_dir=/tmp/tiny_imagenet`.
+The data dir is a gs:// placeholder: pass `data.data_dir=gs://YOUR_BUCKET/tfds`.
+The key structure is exactly that of configs/mnist_alexnet.py.
+"""
+
+import ml_collections
+
+TRAIN_IMAGES = 1_281_167
+GLOBAL_BATCH = 1024                              # 64 per chip on a v4-32 (16 chips)
+STEPS_PER_EPOCH = TRAIN_IMAGES // GLOBAL_BATCH   # 1251
+
+
+def _optim(name="sgd", lr=0.04, warmup=0.05, weight_decay=5e-4, grad_clip=0.0):
+    return ml_collections.ConfigDict(dict(
+        name=name, lr=lr, momentum=0.9, nesterov=True, b1=0.9, b2=0.999,
+        weight_decay=weight_decay, warmup_steps=warmup, schedule="cosine",
+        grad_clip=grad_clip, agc=0.0, slow_lr_factor=0.1))
+
+
+def get_config(arg: str = ""):
+    args = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(name="imagenet2012", data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
+                  augment="imagenet", image_size=224,
+                  max_train_examples=0, max_test_examples=0, eval_batch=1024)
+    c.model = dict(name="alexnet", num_classes=1000, w_bits=4, a_bits=4,
+                   first_last_w_bits=8, requant="layer", act_init=4.0)
+    # Teacher: SGD + Nesterov momentum, lr 0.01 per 256 images scaled linearly, ~90 epochs.
+    c.teacher = dict(steps=90 * STEPS_PER_EPOCH, batch=GLOBAL_BATCH, optim=_optim(lr=0.04))
+    c.qat = dict(steps=30 * STEPS_PER_EPOCH, batch=GLOBAL_BATCH,
+                 optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5))
+    c.ptl = dict(
+        batch=GLOBAL_BATCH,
+        local_init_steps=500,                  # gradient refinement after the least-squares fit
+        stage_steps=2 * STEPS_PER_EPOCH,       # per progressive stage ℓ = 1..8
+        finetune_steps=10 * STEPS_PER_EPOCH,   # global fine-tune of the whole student
+        layer_loss_weight=1.0,
+        ce_weight=1.0, kd_weight=1.0, kd_temperature=2.0,
+        prefix="frozen",
+        local_init=True,
+        compensation=True,
+        cache_teacher_logits=False,            # augmented inputs: logits cannot be cached
+        optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),
+        finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),
+    )
+    c.export = dict(logit_bits=16)
+    c.checkpoint = dict(save_every=2000, keep=3)
+    c.mesh = dict(compute_dtype="bfloat16")
+    c.distributed = dict(coordinator="", num_processes=0, process_id=-1, local_device_ids="")
+
+    for a in args:
+        if a.startswith("w") and "a" in a:
+            w, a_ = a[1:].split("a")
+            c.model.w_bits, c.model.a_bits = int(w), int(a_)
+        elif a == "channel":
+            c.model.requant = "channel"
+        elif a == "tiny":
+            pass
+        else:
+            raise ValueError(f"unknown config argument {a!r} (use tiny, wXaY, channel)")
+    if c.model.w_bits == 1 or c.model.a_bits == 1:
+        # A binary QAT teacher needs a longer budget and a higher learning rate (DESIGN.md).
+        c.qat.steps = 45 * STEPS_PER_EPOCH
+        c.qat.optim.lr = 3e-4
+    if "tiny" in args:
+        # Smoke run on a handful of local images (e.g. the tests' tiny imagenet2012).
+        c.data.data_dir = ""
+        c.data.image_size = 64
+        c.data.eval_batch = 8
+        c.teacher = dict(steps=3, batch=8, optim=_optim(lr=0.01))
+        c.qat = dict(steps=2, batch=8, optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5))
+        c.ptl.batch = 8
+        c.ptl.local_init_steps, c.ptl.stage_steps, c.ptl.finetune_steps = 1, 1, 1
+        c.checkpoint.save_every = 2
+        c.mesh.compute_dtype = "float32"
+    return c

@@ -1,0 +1,168 @@
+"""Two cooperating processes on localhost (launch/multiprocess_cpu.sh) run the real pipeline.
+
+The teacher trained by 2 processes × 2 devices must equal the one trained by 1
+process × 4 devices.  The input pipeline shuffles each process's shard with a seed
+that depends on the process count, so the runs use a global batch equal to the
+whole (truncated) training set: every step then sees the same set of examples in
+both layouts, and only the summation order differs.  SGD keeps that difference
+at float rounding size (Adam's first step is sign(g), which would amplify it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch" / "multiprocess_cpu.sh"
+TINY = ["--config", "configs/mnist_alexnet.py:quick", "teacher.batch=64", "data.max_train_examples=64",
+        "data.max_test_examples=64", "data.eval_batch=64", "teacher.optim.name=sgd",
+        "qat.steps=2", "qat.batch=64", "ptl.batch=64", "ptl.local_init_steps=0",
+        "ptl.stage_steps=2", "ptl.finetune_steps=0"]
+
+COMPARE = r"""
+import json, sys
+import jax, numpy as np
+from bnfree_jax.config_io import load_config
+from bnfree_jax.nn.network import TEACHER
+from bnfree_jax.pipeline.context import make_context
+from bnfree_jax.pipeline.teacher import init_variables
+from bnfree_jax.pipeline.variables import load_variables
+a, b, scratch = sys.argv[1:4]
+ctx = make_context(load_config("configs/mnist_alexnet.py:quick", sys.argv[4:]), scratch)
+init = init_variables(ctx.network(TEACHER, quantized=False, bn_axis_name="data"), ctx.info, ctx.config.seed)
+va, vb = load_variables(a, init), load_variables(b, init)
+diff = lambda x, y: max(float(np.max(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64))))
+                        for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+same = jax.tree_util.tree_structure(va) == jax.tree_util.tree_structure(vb)
+print(json.dumps({"same_structure": same, "max_diff": diff(va, vb), "moved": diff(va, init)}))
+"""
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BNFREE_", "SLURM_", "TPU_"))}
+    env.pop("XLA_FLAGS", None)
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def _launch(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = ["bash", str(LAUNCH), "2", "--devices-per-process", "2", "--", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _single(args: list[str], devices: int, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "bnfree_jax.cli", *args]
+    env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_runs(tmp_path_factory):
+    """The same 3-step teacher job by 2 processes × 2 devices and by 1 process × 4 devices."""
+    base = tmp_path_factory.mktemp("mp")
+    args = ["train-teacher", *TINY, "teacher.steps=3"]
+    multi = _launch([*args[:1], "--workdir", str(base / "multi"), *args[1:]])
+    single = _single([*args[:1], "--workdir", str(base / "single"), *args[1:]], devices=4)
+    return base, multi, single
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_teacher_as_one(teacher_runs):
+    base, multi, single = teacher_runs
+    out = _ok(multi)
+    _ok(single)
+    # Both processes reached the end and agree on the (globally evaluated) accuracy.
+    tops = {p: float(v) for p, v in re.findall(r"\[p(\d)\] teacher_top1=([0-9.]+)", out)}
+    assert set(tops) == {"0", "1"} and tops["0"] == tops["1"], out[-2000:]
+    # One shared checkpoint, written by both processes (one OCDBT shard each).
+    ckpt = base / "multi" / "checkpoints" / "teacher" / "3"
+    shards = {p.name for p in ckpt.rglob("ocdbt.process_*")}
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= shards, shards
+    res = subprocess.run([sys.executable, "-c", COMPARE, str(base / "multi" / "teacher" / "variables"),
+                          str(base / "single" / "teacher" / "variables"), str(base / "scratch"),
+                          *TINY[2:]], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["same_structure"]
+    assert r["moved"] > 1e-4, r      # training changed the weights, so equality means something
+    assert r["max_diff"] < 1e-5, r
+
+
+def _wait_for_checkpoint(directory: Path, proc, deadline: float) -> int:
+    while time.monotonic() < deadline:
+        if directory.is_dir():
+            steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+            if steps:
+                return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError(f"launcher ended (rc {proc.returncode}) before any checkpoint")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+@pytest.mark.slow
+def test_dead_process_stops_the_job_and_rerun_resumes(tmp_path):
+    workdir = tmp_path / "job"
+    args = ["train-teacher", "--workdir", str(workdir), *TINY, "teacher.steps=60",
+            "checkpoint.save_every=1"]
+    cmd = ["bash", str(LAUNCH), "2", "--devices-per-process", "2", "--", *args]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_checkpoint(workdir / "checkpoints" / "teacher", proc, time.monotonic() + 500)
+        pids = dict(re.findall(r"\[launch\] process (\d) pid (\d+)", (tmp_path / "first.log").read_text()))
+        os.kill(int(pids["1"]), signal.SIGKILL)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first = (tmp_path / "first.log").read_text()
+    assert rc != 0, first[-3000:]
+    assert elapsed < 90, elapsed
+    assert "exited with status" in first
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    saved = max(int(p.name) for p in (workdir / "checkpoints" / "teacher").iterdir() if p.name.isdigit())
+    assert 1 <= saved < 60, "the job was killed before it could finish"
+
+    second = _ok(_launch(args))
+    m = re.search(r"resuming at step (\d+)", second)
+    assert m and int(m.group(1)) >= 1, second[-3000:]
+    assert re.search(r"\[p0\] teacher_top1=", second) and re.search(r"\[p1\] teacher_top1=", second)
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("phase") == "teacher"]
+    assert 60 in steps
+
+
+@pytest.mark.slow
+def test_distill_runs_with_two_processes(teacher_runs):
+    """QAT (2 steps) and the PTL stages (2 steps each) on top of the 2-process teacher."""
+    base, multi, _ = teacher_runs
+    _ok(multi)
+    workdir = base / "multi"
+    out = _ok(_launch(["distill", "--workdir", str(workdir), *TINY, "teacher.steps=3"], timeout=900))
+    ledger = json.loads((workdir / "phases.json").read_text())
+    assert ledger["teacher"]["done"] and ledger["qat"]["done"] and ledger["student"]["done"], ledger
+    assert "[p1]" in out and "[p0]" in out
+    assert (workdir / "checkpoints").is_dir()
