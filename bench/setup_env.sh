@@ -11,12 +11,13 @@ if [ ! -x "$env_dir/bin/python" ]; then
   "$python" -m venv "$env_dir"
 fi
 pip="$env_dir/bin/pip"
-wheel="$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1 || true)"
-if [ -n "$wheel" ]; then
-  "$pip" install -q "$wheel"
-else
-  "$pip" install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+wheel="${TORCH_WHEEL:-$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1 || true)}"
+if [ -z "$wheel" ]; then
+  echo "setup_env.sh: no CPU torch 2.13.0 wheel found (set TORCH_WHEEL=/path/to/torch-2.13.0+cpu-*.whl);" \
+       "refusing to let pip pick a CUDA build" >&2
+  exit 1
 fi
+"$pip" install -q "$wheel"
 # torch is already satisfied, so brevitas' dependency on it resolves to the CPU wheel above.
 "$pip" install -q brevitas onnx onnxruntime numpy
 "$env_dir/bin/python" -c "import torch, brevitas, onnxruntime; \

@@ -35,8 +35,9 @@ python=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [[ -z $port ]]; then
   if [[ $dry == 1 ]]; then port=12355
-  else port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  else port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || true)
   fi
+  [[ $port =~ ^[0-9]+$ ]] || port=$((20000 + RANDOM % 40000))
 fi
 if command -v bnfree >/dev/null 2>&1 && [[ -z ${PYTHON:-} ]]; then bnfree=(bnfree)
 else bnfree=("$python" -m bnfree_jax.cli); fi   # "python -m bnfree_jax.cli" is the bnfree command
@@ -61,7 +62,17 @@ stop_all() {
   local sig=$1 p
   for p in "${pids[@]}"; do kill "-$sig" "$p" 2>/dev/null || true; done
 }
-on_signal() { stop_all TERM; sleep 1; stop_all KILL; exit 130; }
+terminate_all() {  # SIGTERM (a checkpointed stop), then SIGKILL after the grace period
+  local t p alive
+  stop_all TERM
+  for ((t = 0; t < ${BNFREE_GRACE:-10} * 10; t++)); do
+    alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [[ $alive == 0 ]] && break; sleep 0.1
+  done
+  stop_all KILL
+  wait 2>/dev/null || true
+}
+on_signal() { echo "[launch] signal received; stopping all processes" >&2; terminate_all; exit 130; }
 trap on_signal INT TERM
 
 for ((i = 0; i < n; i++)); do
@@ -80,13 +91,7 @@ while [[ $left -gt 0 ]]; do
   if [[ $rc -ne 0 ]]; then
     echo "[launch] pid ${done_pid:-?} exited with status $rc; stopping the others" >&2
     status=$rc
-    stop_all TERM
-    for ((t = 0; t < ${BNFREE_GRACE:-10} * 10; t++)); do
-      alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-      [[ $alive == 0 ]] && break; sleep 0.1
-    done
-    stop_all KILL
-    wait 2>/dev/null || true
+    terminate_all
     break
   fi
 done

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,8 +26,18 @@ PNGS = ("scales", "clipping_headroom", "histograms", "layer_loss", "training", "
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _init(net, shape, seed):
-    return jax.device_get(net.init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape), jnp.uint8)))
+def random_variables(ctx, role: str, seed: int) -> dict:
+    """Lecun-normal kernels, unit scales, zero biases, act_alpha 4 (fast: no Flax init)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            return (rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))).astype(s.dtype)
+        fill = {"alpha": 1.0, "scale": 1.0, "var": 1.0, "act_alpha": 4.0}.get(name, 0.0)
+        return np.full(s.shape, fill, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, probe.abstract_variables(ctx, role))
 
 
 def make_job(workdir: Path, arg: str, *, sweep: bool, manifest: bool):
@@ -38,9 +47,9 @@ def make_job(workdir: Path, arg: str, *, sweep: bool, manifest: bool):
     ctx = make_context(config, workdir, log=lambda m: None)
     specs = ctx.specs(quantized=True)
     names = [s.name for s in specs]
-    teacher = _init(ctx.network("teacher"), ctx.info.image_shape, 1)
+    teacher = random_variables(ctx, "teacher", 1)
     save_variables(workdir / "qat" / "variables", teacher)
-    student = jax.tree.map(np.asarray, _init(ctx.network("student"), ctx.info.image_shape, 2)["params"])
+    student = random_variables(ctx, "student", 2)["params"]
     if "act_alpha" in student[names[1]]:
         student[names[1]]["act_alpha"] = np.asarray(0.01, np.float32)  # force visible clipping
     plan = build_stage_plan(config.ptl, names)
@@ -85,9 +94,209 @@ def headline(md: str) -> dict:
             for m in re.finditer(r"^\| ([^|]+) \| ([^|]+) \|$", section, re.M)}
 
 
+def _fast_float_bytes(ctx) -> int:
+    """The summary's float-parameter byte count from shapes alone (its eager init is slow on CPU)."""
+    import jax.numpy as jnp
+
+    net = ctx.network("teacher", quantized=False)
+    tree = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))
+    return int(sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(tree["params"])))
+
+
+def report_for(workdir: Path, arg: str, *, sweep: bool, manifest: bool):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("bnfree_jax.report.summary._float_param_bytes", _fast_float_bytes)
+        ctx, summary, student = make_job(workdir, arg, sweep=sweep, manifest=manifest)
+    path = write_markdown(ctx, summary, workdir / "report")
+    return ctx, summary, student, path
+
+
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("job_w4a4")
-    ctx, summary, student = make_job(wd, "quick", sweep=True, manifest=True)
-    path = write_markdown(ctx, summary, wd / "report")
-    return ctx, summary, student, path
+    return report_for(tmp_path_factory.mktemp("job_w4a4"), "quick", sweep=True, manifest=True)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC and head[12:16] == b"IHDR", f"{path.name} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_every_figure_is_a_real_png_referenced_by_the_report(full_report):
+    _, _, _, path = full_report
+    md = path.read_text()
+    for name in PNGS:
+        png = path.parent / f"{name}.png"
+        assert png.exists(), f"{name}.png missing"
+        assert png.stat().st_size > 5_000
+        w, h = png_size(png)
+        assert w >= 500 and h >= 300
+        assert f"]({name}.png)" in md
+    assert "Not available" not in md
+
+
+HEADLINE_KEYS = {  # label in report.md -> summary key, written independently of the module's table
+    "teacher top-1 (float, BN)": "teacher_top1",
+    "QAT teacher top-1 (BN)": "qat_teacher_top1",
+    "student top-1 (fake-quant)": "student_fakequant_top1",
+    "student top-1 (integer artifact)": "student_int_top1",
+    "integer vs fake-quant argmax agreement": "int_argmax_agreement",
+    "integer simulation bit-exact": "int_sim_bit_exact",
+    "float ops in the integer interpreter": "interpreter_float_ops",
+    "BN ops in the artifact": "bn_ops_in_artifact",
+    "artifact tensors (bytes)": "artifact_bytes",
+    "float32 parameters (bytes)": "float_params_bytes",
+    "min accumulator headroom (bits)": "min_accumulator_headroom_bits",
+    "wall time (s)": "wall_seconds",
+}
+
+
+def test_headline_table_equals_summary(full_report):
+    _, summary, _, path = full_report
+    table = headline(path.read_text())
+    assert summary["artifact_bytes"] == 12345 and summary["student_int_top1"] == 0.9644
+    for label, key in HEADLINE_KEYS.items():
+        got, want = table[label], summary[key]
+        if isinstance(want, bool):
+            assert got == ("yes" if want else "no")
+        elif isinstance(want, int):
+            assert int(got) == want, label
+        else:
+            assert abs(float(got) - want) <= 0.051 if key == "wall_seconds" else abs(float(got) - want) < 5e-5
+    ratio = float(table["float / artifact size ratio"].rstrip("×"))
+    assert abs(ratio - summary["float_params_bytes"] / 12345) < 0.051
+
+
+def test_stage_table_lists_every_stage_in_order(full_report):
+    _, summary, _, path = full_report
+    md = path.read_text()
+    section = md.split("## PTL stages", 1)[1].split("##", 1)[0]
+    rows = [r.split("|")[1:-1] for r in section.strip().splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == [s["name"] for s in summary["stages"]]
+    for r, s in zip(rows, summary["stages"]):
+        assert int(r[2]) == s["steps"]
+        assert float(r[3]) == pytest.approx(s["seconds"], abs=0.05)
+        assert float(r[4]) == pytest.approx(s["metrics"]["tandem_top1"], abs=5e-5)
+
+
+def test_layer_table_clipping_matches_a_direct_forward_pass(full_report):
+    ctx, _, student, path = full_report
+    from bnfree_jax.pipeline.export_phase import load_split
+
+    images, _ = load_split(ctx.test_source)
+    net = ctx.network("student")
+    _, trace = jax.jit(lambda p, x: net.apply({"params": p}, x, capture=True))(student, images)
+    names = [s.name for s in ctx.specs(quantized=True)]
+    section = path.read_text().split("## Layers", 1)[1].split("##", 1)[0]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
+            for r in section.strip().splitlines()[2:] if r.startswith("|")}
+    for name, (_, pre) in zip(names, trace):
+        alpha = float(student[name]["act_alpha"]) if "act_alpha" in student[name] else None
+        clipped = rows[name][6]
+        if alpha is None:
+            assert clipped == "n/a"
+        else:
+            assert clipped == f"{100 * float(np.mean(np.asarray(pre) > alpha)):.2f} %", name
+    assert float(rows[names[1]][6].rstrip(" %")) > 1.0  # act_alpha 0.01 clips visibly
+    assert rows[names[-1]][5] == "n/a"  # logits: no activation step
+    assert [int(rows[n][7]) for n in names] == [18 - i for i in range(len(names))]
+
+
+def test_binary_job_without_sweep_or_artifact(tmp_path):
+    """A=1 layers have no clip (n/a); no sweep and no manifest leave gaps, not errors."""
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "accuracy_vs_bits.png").write_bytes(PNG_MAGIC)  # stale, from an earlier report
+    ctx, summary, _, path = report_for(tmp_path, "quick,w1a1", sweep=False, manifest=False)
+    md = path.read_text()
+    out = path.parent
+    assert not (out / "accuracy_vs_bits.png").exists()
+    assert "accuracy_vs_bits.png" not in md
+    assert "*Not available: no sweep was run" in md.split("### Accuracy vs bits", 1)[1]
+    for name in PNGS[:-1]:
+        assert (out / f"{name}.png").exists() and (out / f"{name}.png").stat().st_size > 5_000
+        assert f"]({name}.png)" in md
+    section = md.split("## Layers", 1)[1].split("##", 1)[0]
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in section.strip().splitlines()[2:] if r.startswith("|")]
+    specs = ctx.specs(quantized=True)
+    assert all(s.a_bits == 1 for s in specs[:-1])
+    assert all(r[5] == "n/a" and r[6] == "n/a" and r[7] == "n/a" for r in rows)  # A=1: no clip; no manifest
+
+
+def test_clip_ratio_is_the_fraction_strictly_above_alpha():
+    pre = np.array([-1.0, 0.5, 1.0, 2.0, 3.0, 1.0000001, 0.0, 7.0])
+    assert probe.clip_ratio(pre, 1.0) == 4 / 8
+    assert probe.clip_ratio(pre, None) is None
+
+
+def test_weight_and_activation_scales_follow_their_formulas():
+    from bnfree_jax.nn.zoo import get_layer_specs
+
+    specs = get_layer_specs("alexnet_cifar", 10, 4, 2, 8)
+    rng = np.random.default_rng(3)
+    params = {s.name: {"kernel": rng.standard_normal((3, 3, 3, s.features) if i == 0 else (5, s.features))
+                       .astype(np.float32), "act_alpha": np.float32(1.5 + i)}
+              for i, s in enumerate(specs)}
+    std = [0.5, 0.25, 0.2]
+    per_tensor = probe.weight_scales(specs, params, [1 / s for s in std], per_channel=False)
+    k0 = params[specs[0].name]["kernel"] / np.asarray(std, np.float32)[:, None]
+    assert per_tensor[0].shape == (1,)
+    np.testing.assert_allclose(per_tensor[0][0], np.abs(k0).max() / 127, rtol=1e-6)
+    np.testing.assert_allclose(per_tensor[1][0], np.abs(params[specs[1].name]["kernel"]).max() / 7, rtol=1e-6)
+    per_channel = probe.weight_scales(specs, params, [1 / s for s in std], per_channel=True)
+    np.testing.assert_allclose(per_channel[1], np.abs(params[specs[1].name]["kernel"]).max(0) / 7, rtol=1e-6)
+    assert per_channel[0].shape == (specs[0].features,)
+    alphas = probe.act_alphas(specs, params)
+    assert alphas[-1] is None and alphas[0] == 1.5
+    steps = probe.act_scales(specs, alphas)
+    assert steps[1] == pytest.approx(2.5 / 3) and steps[-1] is None
+    binary = get_layer_specs("alexnet_cifar", 10, 1, 1, 8)
+    b_scales = probe.weight_scales(binary, params, [1 / s for s in std], per_channel=False)
+    np.testing.assert_allclose(b_scales[1][0], np.abs(params[binary[1].name]["kernel"]).mean(), rtol=1e-6)
+    assert probe.act_alphas(binary, params)[:-1] == [None] * (len(binary) - 1)
+
+
+def test_sweep_series_mean_and_sample_std(tmp_path):
+    rows = [{"method": "ptl", "w_bits": 2, "a_bits": 2, "requant": "layer", "seed": s, "top1": v}
+            for s, v in enumerate([0.90, 0.92, 0.97])]
+    rows += [{"method": "ptl", "w_bits": 1, "a_bits": 1, "requant": "layer", "seed": 0, "top1": 0.8},
+             {"method": "qat", "w_bits": 2, "a_bits": 2, "requant": "layer", "seed": 0, "top1": None}]
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(rows))
+    series = sources.sweep_series(sources.read_sweep(tmp_path))
+    assert list(series) == ["ptl"]  # the row without a top-1 is dropped
+    (w1, a1, m1, s1, n1), (w2, a2, m2, s2, n2) = series["ptl"]
+    assert (w1, a1, m1, s1, n1) == (1, 1, 0.8, 0.0, 1)
+    assert (w2, a2, n2) == (2, 2, 3) and m2 == pytest.approx(0.93)
+    assert s2 == pytest.approx(math.sqrt(((0.03) ** 2 + 0.01 ** 2 + 0.04 ** 2) / 2))
+    assert sources.read_sweep(tmp_path / "nowhere") == []
+
+
+def test_read_metrics_groups_by_phase_and_keeps_the_last_value_of_a_step(tmp_path):
+    lines = ['{"phase": "qat", "step": 2, "loss": 0.5}', "not json",
+             '{"phase": "teacher", "step": 1, "loss": 2.0}', '{"phase": "qat", "step": 1, "loss": 0.9}',
+             '{"phase": "qat", "step": 2, "loss": 0.4}', '{"phase": "qat", "step": 3, "loss": NaN}',
+             '{"phase": "qat", "step": 4}']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    got = sources.read_metrics(tmp_path / "m.jsonl")
+    assert got == {"qat": ([1, 2], [0.9, 0.4]), "teacher": ([1], [2.0])}
+    assert sources.read_metrics(tmp_path / "missing.jsonl") == {}
+
+
+def test_render_of_a_job_that_stopped_before_export():
+    from bnfree_jax.report.markdown import render
+
+    summary = {"model": "m", "dataset": "d", "requant": "layer", "bits": {"w": 2, "a": 2, "first_last_w": 8},
+               "teacher_top1": 0.91234, "qat_teacher_top1": None, "student_fakequant_top1": None,
+               "student_int_top1": None, "int_argmax_agreement": None, "int_sim_bit_exact": False,
+               "interpreter_float_ops": -1, "bn_ops_in_artifact": -1, "artifact_bytes": None,
+               "float_params_bytes": 4000, "min_accumulator_headroom_bits": None, "wall_seconds": 3.0,
+               "stages": []}
+    md = render(summary, {"training": "no data for it in this job"})
+    table = headline(md)
+    assert table["teacher top-1 (float, BN)"] == "0.9123"
+    for label in ("QAT teacher top-1 (BN)", "integer simulation bit-exact", "float ops in the integer interpreter",
+                  "BN ops in the artifact", "artifact tensors (bytes)", "float / artifact size ratio"):
+        assert table[label] == "n/a", label
+    assert ".png" not in md and md.count("*Not available:") == len(PNGS)
+    assert "*Not available: no data for it in this job.*" in md
+    assert "No distillation stage finished." in md and "## Layers" not in md

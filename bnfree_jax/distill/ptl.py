@@ -54,6 +54,14 @@ def stage_metrics(ctx, stage: Stage, trees: Trees, student_net, teacher_net, pro
     return {"tandem_top1": top1, "layer_mse": errors}
 
 
+def _own_layer_error(ctx, stage: Stage, trees: Trees, teacher_net, probe) -> float:
+    """Relative MSE of the stage's own layer before it trains (its starting point)."""
+    L = len(teacher_net.specs)
+    net = ctx.network(tandem_roles(L, stage.layer))
+    variables = tandem_variables(net.specs, stage.layer, trees.S, trees.T, trees.Tbs)
+    return layer_errors(net, teacher_net, stage.layer, variables, trees.teacher, probe)[net.specs[stage.layer - 1].name]
+
+
 def initial_trees(ctx, qat_vars, student_net, init: str, seed: int) -> Trees:
     if init == "fold":
         S = fold_student(student_net, qat_vars)
@@ -88,6 +96,8 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
                                            ctx.train_batches(c.ptl.batch, seed_offset=100 + k))
             trees = Trees(S=S, T=trees.T, Tbs=trees.Tbs, teacher=trees.teacher)
             extra["least_squares_rel_residual"] = ls_err
+        if stage.kind == "tandem":
+            extra["layer_mse_start"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
         optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
         trees, prev_state = run_stage(ctx, stage, trees, stage_loss(ctx, stage, student_net, teacher_net),
                                       optim, ctx.workdir / "checkpoints" / variant / stage.name,

@@ -39,8 +39,10 @@ def teacher_targets(teacher_net, teacher_vars, images):
 
 def make_tandem_loss(tandem_net, teacher_net, l: int, losses: dict, temperature: float,
                      prefix_frozen: bool):
-    """Stage ℓ: layer-wise MSE of S_ℓ (student path) to the teacher's post-BN output, plus
-    CE + KD of the tandem logits. With a frozen prefix, S_1..S_{ℓ-1} run outside autodiff."""
+    """Stage ℓ: S_ℓ is fitted by the layer-wise MSE of its output (on the student path) to the
+    teacher's post-BN output; T'_{ℓ+1..L} compensate by CE + KD of the tandem logits, which do
+    not reach S_ℓ (its output enters T' through stop_gradient), except at ℓ = L where S_L
+    produces the logits itself. With a frozen prefix, S_1..S_{ℓ-1} run outside autodiff."""
     specs = tandem_net.specs
 
     def loss_fn(params, model_state, frozen, batch, rng):
@@ -51,11 +53,14 @@ def make_tandem_loss(tandem_net, teacher_net, l: int, losses: dict, temperature:
         t_logits, t_trace = teacher_targets(teacher_net, frozen["teacher"], images)
         if prefix_frozen and l > 1:
             h = jax.lax.stop_gradient(tandem_net.apply(variables, images, stop=l - 1))
-            logits, trace = tandem_net.apply(variables, h, start=l - 1, capture=True)
         else:
-            logits, trace = tandem_net.apply(variables, images, capture=True)
-            trace = trace[l - 1:]
+            h = tandem_net.apply(variables, images, stop=l - 1) if l > 1 else images
+        act, trace = tandem_net.apply(variables, h, start=l - 1, stop=l, capture=True)
         layer_mse = relative_mse(trace[0][1], t_trace[l - 1][1])
+        if l < len(specs):  # S_ℓ learns from its target; T' compensates through the task loss
+            logits = tandem_net.apply(variables, jax.lax.stop_gradient(act), start=l)
+        else:
+            logits = act
         task, parts = task_losses(logits, batch["label"], t_logits, losses, temperature)
         loss = losses.get("layer_mse", 0.0) * layer_mse + task
         acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])

@@ -77,7 +77,17 @@ def alexnet(num_classes: int = 1000) -> list[LayerSpec]:
     ]
 
 
-MODELS = {"alexnet_mini": alexnet_mini, "alexnet_cifar": alexnet_cifar, "alexnet": alexnet}
+def tiny_cnn(num_classes: int = 10) -> list[LayerSpec]:
+    """A three-layer network for fast tests of every code path (conv, pool, dense, logits)."""
+    return [
+        _conv("conv1", 8, 3, pool=2),
+        _conv("conv2", 16, 3, pool=2),
+        _dense("fc3", num_classes, last=True),
+    ]
+
+
+MODELS = {"alexnet_mini": alexnet_mini, "alexnet_cifar": alexnet_cifar, "alexnet": alexnet,
+          "tiny_cnn": tiny_cnn}
 
 
 def with_bits(specs: Sequence[LayerSpec], w_bits: int, a_bits: int, first_last_w_bits: int = 8) -> list[LayerSpec]:

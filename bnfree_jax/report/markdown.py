@@ -40,8 +40,8 @@ CAPTIONS = {
                          "int32 accumulator can still grow; any bar at or below 0 would risk overflow.",
     "histograms": "The student's distribution (line) should lie on the teacher's (shaded): a shift or width "
                   "mismatch marks a layer where the BN-free scale/bias did not absorb BatchNorm.",
-    "layer_loss": "Each layer's loss should fall at the stage that converts it and stay low after it; a rise "
-                  "in later stages means downstream compensation is pulling it away from the teacher.",
+    "layer_loss": "Local init shows every layer fitted alone; from the stage that converts it (ring) a layer's "
+                  "loss should stay low — a rise in later stages means it is being pulled away from the teacher.",
     "training": "Loss should fall within each phase; the jump at the start of a tandem stage is the cost of "
                 "converting one more layer and should be recovered within the stage.",
     "accuracy_vs_bits": "PTL should match or beat the baselines at every bit width, most visibly at low bits; "
@@ -72,7 +72,9 @@ def fmt_value(v, kind: str) -> str:
 
 
 def headline_rows(summary: dict) -> list:
-    rows = [(label, fmt_value(summary.get(key), kind)) for key, label, kind in HEADLINE]
+    exported = summary.get("student_int_top1") is not None  # the summary writes False without an export
+    rows = [(label, fmt_value(summary.get(key) if exported or key != "int_sim_bit_exact" else None, kind))
+            for key, label, kind in HEADLINE]
     a, f = summary.get("artifact_bytes"), summary.get("float_params_bytes")
     rows.append(("float / artifact size ratio", f"{f / a:.1f}×" if a and f else NA))
     return rows
@@ -120,8 +122,11 @@ def _try(name: str, fn: Callable[[], Optional[Path]], status: dict, log) -> None
         log(f"[report] {name}.png: {status[name]}")
 
 
-def make_plots(ctx, summary: dict, out_dir: Path, n_probe: int = 512) -> tuple[dict, object]:
-    """Draw every figure; returns ({name: Path | reason absent}, layer stats or None)."""
+def make_plots(ctx, summary: dict, out_dir: Path, n_probe: int = 512) -> tuple[dict, object, list]:
+    """Draw every figure; returns ({name: Path | why absent}, layer stats or None, manifest layers).
+
+    A figure not drawn this time has its stale PNG from an earlier report removed.
+    """
     log = getattr(ctx, "log", print)
     status: dict = {}
     per_channel = ctx.config.model.requant == "channel"
@@ -148,7 +153,10 @@ def make_plots(ctx, summary: dict, out_dir: Path, n_probe: int = 512) -> tuple[d
     if "accuracy_vs_bits" in status and not isinstance(status["accuracy_vs_bits"], Path) \
             and not (ctx.workdir / "sweep" / "results.json").exists():
         status["accuracy_vs_bits"] = "no sweep was run (DIR/sweep/results.json absent)"
-    return status, (stats, manifest_layers)
+    for name, st in status.items():
+        if not isinstance(st, Path):
+            (out_dir / f"{name}.png").unlink(missing_ok=True)
+    return status, stats, manifest_layers
 
 
 def render(summary: dict, status: dict, stats=None, manifest_layers=()) -> str:
@@ -186,7 +194,7 @@ def write_markdown(ctx, summary: dict, out_dir) -> Path:
     """Write out_dir/report.md and its PNGs; returns the path of report.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    status, (stats, manifest_layers) = make_plots(ctx, summary, out_dir)
+    status, stats, manifest_layers = make_plots(ctx, summary, out_dir)
     path = out_dir / "report.md"
     path.write_text(render(summary, status, stats, manifest_layers))
     return path

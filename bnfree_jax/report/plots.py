@@ -107,6 +107,9 @@ def plot_clipping_headroom(stats, manifest_layers: list, path: Path) -> Optional
             top = max(top, 100 * r)
         ax.set_ylim(0, max(1.0, top * 1.2))
         _layer_axis(ax, labels)
+        if all(r is None for r in stats.clip_ratio):
+            ax.text(0.5, 0.5, "no PACT clip in this network\n(binary, float or logit outputs)", ha="center",
+                    va="center", transform=ax.transAxes, color=NA_COLOR)
         ax.set_title(f"clipping: pre-activations > act_alpha ({stats.n_probe} test images)", fontsize=10)
     else:
         ax.text(0.5, 0.5, "no student available", ha="center", va="center", transform=ax.transAxes)
@@ -125,6 +128,8 @@ def plot_clipping_headroom(stats, manifest_layers: list, path: Path) -> Optional
         _layer_axis(bx, names)
     else:
         bx.text(0.5, 0.5, "no exported artifact", ha="center", va="center", transform=bx.transAxes)
+        bx.set_xticks([])
+        bx.set_yticks([])
     bx.set_title("int32 accumulator headroom: 31 − bitlength(bound)", fontsize=10)
     bx.set_ylabel("headroom (bits)")
     return _save(fig, path)
@@ -158,24 +163,28 @@ def plot_histograms(stats, path: Path, ncols: int = 4) -> Optional[Path]:
             lo, hi = lo - 0.5, hi + 0.5
         bins = np.linspace(lo, hi, 61)
         if t is not None:
-            ax.hist(np.clip(t, lo, hi), bins=bins, density=True, alpha=0.45, color="C0", label="teacher (QAT, BN)")
+            ax.hist(t, bins=bins, density=True, alpha=0.45, color="C0", label="teacher (QAT, BN)")
         if s is not None:
-            ax.hist(np.clip(s, lo, hi), bins=bins, density=True, histtype="step", lw=1.5, color="C3",
+            ax.hist(s, bins=bins, density=True, histtype="step", lw=1.5, color="C3",
                     label="student")
         if alpha is not None:
             ax.axvline(alpha, color="k", ls="--", lw=1, label="student act_alpha")
         ax.set_title(layer_label(spec).replace("\n", "  "), fontsize=9)
+        ax.set_yscale("log")
         ax.tick_params(labelsize=7)
+        ax.set_yticks([], minor=True)
         ax.set_yticks([])
         if i % ncols == 0:
-            ax.set_ylabel("density", fontsize=8)
+            ax.set_ylabel("density (log)", fontsize=8)
         if i >= n - ncols:
             ax.set_xlabel("pre-activation", fontsize=8)
         if i == 0:
-            ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"pre-activation distributions, {stats.n_probe} test images (tails clipped to 0.1–99.9 %)",
-                 fontsize=11)
-    return _save(fig, path)
+            fig.legend(*ax.get_legend_handles_labels(), loc="upper right", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"pre-activation distributions on {stats.n_probe} test images (central 99.8 %)",
+                 fontsize=11, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=DPI)
+    return Path(path)
 
 
 def plot_layer_loss(stages: list, path: Path) -> Optional[Path]:
@@ -189,8 +198,13 @@ def plot_layer_loss(stages: list, path: Path) -> Optional[Path]:
     for j, layer in enumerate(layers):
         ys = [s["metrics"]["layer_mse"].get(layer) for s in stages]
         ys = [y if y is not None and y > 0 else np.nan for y in ys]
-        ax.plot(range(len(stages)), ys, "o-", color=f"C{j % 10}", label=layer, ms=4,
+        ax.plot(range(len(stages)), ys, marker="o", color=f"C{j % 10}", label=layer, ms=4,
                 ls="-" if j < 10 else "--")
+        conv = [k for k, s in enumerate(stages) if s["name"].endswith(f"_{layer}")
+                and re.match(r"stage\d+_", s["name"])]
+        for k in conv:  # the stage that converts this layer
+            if not np.isnan(ys[k]):
+                ax.plot(k, ys[k], "o", ms=11, mfc="none", mec=f"C{j % 10}", mew=1.5)
     ax.set_yscale("log")
     _layer_axis(ax, [s["name"] for s in stages])
     for lab in ax.get_xticklabels():
@@ -198,7 +212,7 @@ def plot_layer_loss(stages: list, path: Path) -> Optional[Path]:
         lab.set_ha("right")
     ax.set_xlabel("PTL stage (in order)")
     ax.set_ylabel("layer target loss (relative MSE)")
-    ax.set_title("layer-wise target loss across stages", fontsize=11)
+    ax.set_title("layer-wise target loss across stages (ring: the stage converting that layer)", fontsize=11)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="layer", title_fontsize=8)
     return _save(fig, path)
 
@@ -233,20 +247,24 @@ def plot_training(curves: dict, path: Path) -> Optional[Path]:
         series = groups[kind]
         for j, (phase, steps, losses) in enumerate(series):
             x = np.asarray(steps) + (offset if kind == "tandem" else 0)
+            tandem = kind == "tandem"
             ax.plot(x, losses, "-", marker="." if len(steps) < 30 else None, color=f"C{j % 10}",
-                    label=phase if len(series) > 1 else None, lw=1.2)
-            if kind == "tandem":
+                    label=phase if len(series) > 1 and not tandem else None, lw=1.2)
+            if tandem:
                 if j:
-                    ax.axvline(offset, color="0.8", lw=0.8)
+                    ax.axvline(offset, color="0.75", lw=0.8)
+                ax.text(offset + 0.5 * (x.max() - offset), 1.01, phase.split("_", 1)[-1],
+                        transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7,
+                        color=f"C{j % 10}", rotation=90 if len(series) > 8 else 0)
                 offset = int(x.max())
         all_losses = np.concatenate([np.asarray(l) for _, _, l in series])
         if np.all(all_losses > 0) and all_losses.max() / max(all_losses.min(), 1e-12) > 20:
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, pad=14 if kind == "tandem" else 6)
         ax.set_xlabel("cumulative step" if kind == "tandem" else "step")
         ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 and kind != "tandem":
             ax.legend(fontsize=7, ncol=2 if len(series) > 5 else 1)
     return _save(fig, path)
 

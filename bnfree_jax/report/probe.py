@@ -96,35 +96,55 @@ def probe_images(ctx, n: int) -> np.ndarray:
 
 
 def capture_pre(net, variables: dict, images: np.ndarray, batch: int = 128) -> list:
-    """Pre-activations of every layer on `images`, as numpy arrays (concatenated over batches)."""
+    """Pre-activations of every layer on `images`, as numpy arrays (concatenated over batches).
+
+    The last batch is padded to full size so the forward pass compiles once.
+    """
     import jax
 
     fn = jax.jit(lambda v, x: [pre for _, pre in net.apply(v, x, capture=True)[1]])
-    parts = [fn(variables, images[i:i + batch]) for i in range(0, len(images), batch)]
-    return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))]
+    parts = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        n = len(x)
+        if n < batch and len(images) > batch:
+            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), x.dtype)])
+        parts.append([np.asarray(p)[:n] for p in fn(variables, x)])
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
+def abstract_variables(ctx, role: str) -> dict:
+    """Shapes/dtypes of a network's variables, without running its (slow, eager) init."""
+    import jax
+    import jax.numpy as jnp
+
+    net = ctx.network(role)
+    tree = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
 def load_teacher(ctx) -> Optional[dict]:
     """The QAT teacher's variables (params + batch_stats), or None when it was not saved."""
-    import jax
-    import jax.numpy as jnp
-
     from bnfree_jax.pipeline.variables import load_variables
 
     path = ctx.workdir / "qat" / "variables"
     if not path.exists():
         return None
-    like = ctx.network("teacher").init(jax.random.PRNGKey(0), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))
-    return load_variables(path, like)
+    return load_variables(path, abstract_variables(ctx, "teacher"))
 
 
-def load_student(ctx) -> Optional[dict]:
-    from bnfree_jax.pipeline.export_phase import final_student
+def load_student(ctx, variant: str = "ptl") -> Optional[dict]:
+    """The student after the last stage of the plan (params only), or None when absent."""
+    from bnfree_jax.distill.plan import build_stage_plan
+    from bnfree_jax.pipeline.variables import load_variables
 
-    try:
-        return final_student(ctx)
-    except FileNotFoundError:
+    plan = build_stage_plan(ctx.config.ptl, [s.name for s in ctx.specs(quantized=True)])
+    path = ctx.workdir / variant / plan[-1].name
+    if not path.exists():
         return None
+    like = {"S": abstract_variables(ctx, "student")["params"], "T": abstract_variables(ctx, "teacher")["params"]}
+    return load_variables(path, like)["S"]
 
 
 def collect_layer_stats(ctx, n_probe: int = 512, student=None, teacher=None) -> Optional[LayerStats]:
@@ -139,12 +159,12 @@ def collect_layer_stats(ctx, n_probe: int = 512, student=None, teacher=None) -> 
     images = probe_images(ctx, n_probe)
     s_pre = capture_pre(ctx.network("student"), {"params": student}, images) if len(images) else None
     t_pre = capture_pre(ctx.network("teacher"), teacher, images) if len(images) and teacher else None
+    none = [None] * len(specs)
     return LayerStats(
         names=[s.name for s in specs], specs=specs,
         weight_scale=weight_scales(specs, student, [1.0 / s for s in ctx.info.std], per_channel),
         act_scale=act_scales(specs, alphas), act_alpha=alphas,
-        clip_ratio=[clip_ratio(p, a) if s_pre is not None else None for p, a in
-                    zip(s_pre or [None] * len(specs), alphas)],
-        student_pre=[subsample(p, seed=i) for i, p in enumerate(s_pre)] if s_pre else [None] * len(specs),
-        teacher_pre=[subsample(p, seed=i) for i, p in enumerate(t_pre)] if t_pre else [None] * len(specs),
+        clip_ratio=[clip_ratio(p, a) for p, a in zip(s_pre, alphas)] if s_pre else none,
+        student_pre=[subsample(p, seed=i) for i, p in enumerate(s_pre)] if s_pre else none,
+        teacher_pre=[subsample(p, seed=i) for i, p in enumerate(t_pre)] if t_pre else none,
         n_probe=int(len(images)))

@@ -26,10 +26,10 @@ def read_metrics(path: Path) -> dict:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        loss = rec.get("loss")
-        if not isinstance(rec, dict) or "step" not in rec or not isinstance(loss, (int, float)):
+        if not isinstance(rec, dict) or "step" not in rec:
             continue
-        if not math.isfinite(loss):
+        loss = rec.get("loss")
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
             continue
         by_phase.setdefault(str(rec.get("phase", "train")), {})[int(rec["step"])] = float(loss)
     return {ph: (sorted(d), [d[k] for k in sorted(d)]) for ph, d in by_phase.items()}
@@ -55,7 +55,7 @@ def read_sweep(workdir: Path) -> list:
 
 
 def sweep_series(rows: list) -> dict:
-    """{method label: [(w_bits, a_bits, mean top-1, std top-1, n seeds)]} sorted by bits.
+    """{method label: [(w_bits, a_bits, mean top-1, sample std top-1, n seeds)]} sorted by bits.
 
     Rows of one method with different requantisation granularity become separate series.
     """
@@ -67,6 +67,6 @@ def sweep_series(rows: list) -> dict:
     out = defaultdict(list)
     for (label, w, a), vals in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
         out[label].append((w, a, mean, std, len(vals)))
     return dict(out)

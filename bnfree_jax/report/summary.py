@@ -14,8 +14,8 @@ def _float_param_bytes(ctx) -> int:
     import jax.numpy as jnp
 
     net = ctx.network("teacher", quantized=False)
-    v = net.init(jax.random.PRNGKey(0), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))
-    return int(sum(np.asarray(x).size * 4 for x in jax.tree.leaves(v["params"])))
+    v = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))
+    return int(sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(v["params"])))
 
 
 def build_summary(ctx, ledger, wall_seconds: float) -> dict:
