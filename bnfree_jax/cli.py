@@ -36,13 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="integerise the distilled student into WORKDIR/export")
     p.add_argument("--workdir", required=True, help="a workdir where `distill` finished")
+    p.add_argument("--onnx", action="store_true", help="also write WORKDIR/export/model.onnx (integer ops only)")
 
     p = sub.add_parser("eval-int", help="evaluate an exported artifact with the integer interpreter")
     p.add_argument("--artifact", required=True, help="artifact directory (manifest.json + model.safetensors)")
     p.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
     p.add_argument("--data-dir", default="", help="TFDS data dir (default: $TFDS_DATA_DIR or the cache)")
+    p.add_argument("--images", default="", help="evaluate your own images instead: a .npy of uint8 [N,H,W,C]")
+    p.add_argument("--labels", default="", help="with --images: a .npy of integer labels [N]")
     p.add_argument("--batch", type=int, default=1000, help="images per interpreter call")
     p.add_argument("--out", default="", help="where to write the JSON result (default: ARTIFACT/eval_int.json)")
+
+    p = sub.add_parser("sweep", help="PTL and every baseline over bit widths, requant settings and seeds")
+    _config_args(p)
 
     p = sub.add_parser("run", help="the whole job: teacher → QAT → PTL → export → integer check → report")
     _config_args(p)
@@ -57,7 +63,7 @@ def dispatch(args) -> int:
     if args.command == "eval-int":
         return commands.eval_int(args)
     if args.command == "export":
-        return commands.export(Path(args.workdir))
+        return commands.export(Path(args.workdir), onnx=args.onnx)
     config = load_config(args.config, args.overrides)
     return getattr(commands, args.command.replace("-", "_"))(config, Path(args.workdir), args)
 

@@ -3,5 +3,6 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/launch/setup.sh" "${VENV:-$here/.venv}"
+"${VENV:-$here/.venv}/bin/pip" install -q -r "$here/requirements-test.txt"
 cd "$here"
 "${VENV:-$here/.venv}/bin/python" -m pytest -q tests "$@"

