@@ -70,7 +70,7 @@ def run_stage(ctx, stage: Stage, trees: Trees, loss_fn, optim_cfg, ckpt_dir, *, 
             batches.set_state(extra["data"])
         ctx.log(f"[{stage.name}] resuming at step {step}")
     if stage.steps > 0:
-        step_fn = make_train_step(loss_fn, tx, ctx.mesh)
+        step_fn = make_train_step(loss_fn, tx, ctx.mesh, compute_dtype=ctx.compute_dtype)
         state = run_loop(step_fn=step_fn, state=state, frozen=frozen, batches=batches, mesh=ctx.mesh,
                          num_steps=stage.steps, checkpointer=ckpt, data_iterator=batches,
                          extra={"phase": stage.name}, metrics_path=ctx.metrics_path, phase=stage.name)

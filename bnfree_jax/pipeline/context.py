@@ -54,6 +54,17 @@ class Context:
         return d
 
     @property
+    def compute_dtype(self):
+        """None (float32) or jnp.bfloat16 for accelerators (`mesh.compute_dtype`)."""
+        name = self.config.mesh.compute_dtype
+        if name in ("float32", "", None):
+            return None
+        if name == "bfloat16":
+            import jax.numpy as jnp
+            return jnp.bfloat16
+        raise ValueError(f"mesh.compute_dtype={name!r} must be 'float32' or 'bfloat16'")
+
+    @property
     def metrics_path(self) -> Path:
         return self.workdir / "metrics.jsonl"
 
@@ -67,6 +78,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"model.{key}={b} is outside 1..8")
     if m.requant not in ("layer", "channel"):
         raise ValueError(f"model.requant={m.requant!r} must be 'layer' or 'channel'")
+    if c.mesh.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"mesh.compute_dtype={c.mesh.compute_dtype!r} must be 'float32' or 'bfloat16'")
     for phase in ("teacher", "qat", "ptl"):
         if c[phase].batch <= 0:
             raise ValueError(f"{phase}.batch must be positive")

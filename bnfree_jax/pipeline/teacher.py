@@ -60,7 +60,7 @@ def train_bn_network(ctx, phase: str, net, variables, steps: int, batch: int, op
         if extra and "data" in extra:
             batches.set_state(extra["data"])
         ctx.log(f"[{phase}] resuming at step {step}")
-    step_fn = make_train_step(classification_loss(net), tx, ctx.mesh)
+    step_fn = make_train_step(classification_loss(net), tx, ctx.mesh, compute_dtype=ctx.compute_dtype)
     state = run_loop(step_fn=step_fn, state=state, frozen={}, batches=batches, mesh=ctx.mesh,
                      num_steps=steps, checkpointer=ckpt, data_iterator=batches, extra={"phase": phase},
                      metrics_path=ctx.metrics_path, phase=phase)
