@@ -23,13 +23,13 @@ def get_config(arg: str = ""):
                   max_train_examples=0, max_test_examples=0, eval_batch=1000)
     c.model = dict(name="alexnet_mini", num_classes=10, w_bits=4, a_bits=4,
                    first_last_w_bits=8, requant="layer", act_init=4.0)
-    c.teacher = dict(steps=1400, batch=128, optim=_optim(lr=3e-3))
-    c.qat = dict(steps=600, batch=128, optim=_optim(lr=1e-3))
+    c.teacher = dict(steps=600, batch=128, optim=_optim(lr=3e-3))
+    c.qat = dict(steps=300, batch=128, optim=_optim(lr=1e-3))
     c.ptl = dict(
-        batch=128,
+        batch=64,                   # stages are many and short: half the teacher's batch
         local_init_steps=60,        # gradient refinement after the least-squares fit, per layer
         stage_steps=200,            # per progressive stage ℓ = 1..L
-        finetune_steps=400,         # global fine-tune of the whole student
+        finetune_steps=300,         # global fine-tune of the whole student
         layer_loss_weight=1.0,      # weight of the layer-wise target MSE
         ce_weight=1.0, kd_weight=1.0, kd_temperature=2.0,
         prefix="frozen",            # converted layers before ℓ: "frozen" or "slow"
