@@ -9,11 +9,9 @@ from typing import Any, Optional
 import jax
 
 from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE, UNUSED, Stage
-from bnfree_jax.train.checkpoint import Checkpointer
-from bnfree_jax.train.loop import run_loop
+from bnfree_jax.pipeline.phase_runner import train_phase
 from bnfree_jax.train.optim import carry_moments, make_staged_optimizer
 from bnfree_jax.train.state import create_train_state
-from bnfree_jax.train.step import make_train_step
 
 
 @dataclasses.dataclass
@@ -60,19 +58,6 @@ def run_stage(ctx, stage: Stage, trees: Trees, loss_fn, optim_cfg, ckpt_dir, *, 
     state, frozen, tx = stage_state(stage, trees, optim_cfg, seed)
     if prev is not None:
         state = state.replace(opt_state=carry_moments(prev.opt_state, prev.params, state.opt_state, state.params))
-    ckpt = Checkpointer(ckpt_dir, save_every=ctx.config.checkpoint.save_every,
-                        keep=ctx.config.checkpoint.keep, log=ctx.log)
     batches = batches or ctx.train_batches(ctx.config.ptl.batch, seed_offset=seed)
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state, extra, step = restored
-        if extra and "data" in extra:
-            batches.set_state(extra["data"])
-        ctx.log(f"[{stage.name}] resuming at step {step}")
-    if stage.steps > 0:
-        step_fn = make_train_step(loss_fn, tx, ctx.mesh, compute_dtype=ctx.compute_dtype)
-        state = run_loop(step_fn=step_fn, state=state, frozen=frozen, batches=batches, mesh=ctx.mesh,
-                         num_steps=stage.steps, checkpointer=ckpt, data_iterator=batches,
-                         extra={"phase": stage.name}, metrics_path=ctx.metrics_path, phase=stage.name)
-    ckpt.close()
+    state = train_phase(ctx, stage.name, ckpt_dir, state, frozen, loss_fn, tx, batches, stage.steps)
     return merge_back(trees, state.params), state

@@ -1,11 +1,13 @@
 """Pure-jnp integer interpreter of a loaded artifact: uint8 pixels in, int32 logits out.
 
-Per layer: conv/dense on int8 operands with int32 accumulation (XLA's fast int8 path),
-or XOR/popcount for binary layers; + int32 bias; max-pool; output stage. Inputs wider
-than int8 (the uint8 pixels, A = 8 codes) are shifted by -128 and the bias gets
-+128*sum(w): pad(x, z) - 128 == pad(x - 128, z - 128), so the result is exact.
-Max-pool is applied to the accumulator before the output stage; every output stage is
-monotone non-decreasing, so max(f(acc)) == f(max(acc)) and the result is identical.
+Per layer: one native conv/dense on int8 operands with int32 accumulation (XLA's fast
+int8 path), or XOR/popcount on packed words for binary layers; + a bias prepared at
+load (`prepare.py`: offsets and padding folded in); max-pool; output stage. Each output
+stage emits the next layer's operand directly: int8 codes (A <= 7, +-1), codes - 128 as
+int8 (A = 8; the next bias carries the +128), or int32 logits. Max-pool is applied to
+the accumulator before the output stage; every output stage is monotone non-decreasing,
+so max(f(acc)) == f(max(acc)) and the result is identical. The whole forward is one
+jitted function per (artifact plan, batch shape).
 """
 
 from __future__ import annotations
@@ -19,57 +21,38 @@ from jax import lax
 
 from bnfree_jax.intsim import binary, requant
 from bnfree_jax.intsim.bounds import overflow_bounds
+from bnfree_jax.intsim.prepare import OFFSET, prepare
 
 _DN = ("NHWC", "HWIO", "NHWC")
+_DOT = (((1,), (0,)), ((), ()))
 
 
 def _prepare(artifact) -> tuple:
-    """Per-layer device params, cached on the artifact: packed binary weights, offset biases."""
-    if "params" not in artifact.cache:
-        params = []
-        for layer, w, b, m, s in zip(artifact.layers, artifact.weights, artifact.biases,
-                                     artifact.multipliers, artifact.shifts):
-            p = {"m": jnp.asarray(m), "s": jnp.asarray(s)}
-            if layer.binary:
-                p["w"] = jnp.asarray(binary.pack_weight_bits(w))
-                p["b"] = jnp.asarray(b)
-            else:
-                p["w"] = jnp.asarray(w)
-                bias = b.astype(np.int64)
-                if layer.in_max > 127:
-                    bias = bias + 128 * w.astype(np.int64).reshape(-1, w.shape[-1]).sum(axis=0)
-                p["b"] = jnp.asarray(bias.astype(np.int32))
-            params.append(p)
-        artifact.cache["params"] = tuple(params)
-    return artifact.cache["params"]
+    return prepare(artifact)
 
 
-def _conv_int8(layer, x, w, pad_value, first: bool):
-    (pt, pb), (pl, pr) = layer.padding
-    if layer.in_max > 127:
-        x = (x.astype(jnp.int32) - 128).astype(jnp.int8)
-        if first:
-            xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-            n, h, wd, c = x.shape
-            inside = np.zeros((h + pt + pb, wd + pl + pr, 1), bool)
-            inside[pt:pt + h, pl:pl + wd] = True
-            z = jnp.asarray(np.asarray(pad_value, np.int32) - 128, jnp.int8)
-            xp = jnp.where(jnp.asarray(inside), xp, z)
-        else:
-            xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=jnp.int8(-128))
-        pads = ((0, 0), (0, 0))
-    else:
-        xp, pads = x.astype(jnp.int8), layer.padding
-    return lax.conv_general_dilated(xp, w, (layer.stride, layer.stride), pads,
+def _pixels_int8(images):
+    """uint8 p -> int8 p - 128 (flip of the top bit)."""
+    return lax.bitcast_convert_type(images ^ jnp.uint8(OFFSET), jnp.int8)
+
+
+def _conv_int8(layer, x, w):
+    return lax.conv_general_dilated(x, w, (layer.stride, layer.stride), layer.padding,
                                     dimension_numbers=_DN, preferred_element_type=jnp.int32)
 
 
-def _dense_int8(layer, x, w):
-    x = x.astype(jnp.int32)
-    if layer.in_max > 127:
-        x = x - 128
-    return lax.dot_general(x.astype(jnp.int8), w, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.int32)
+def _dot(layer, p, x):
+    """int32 accumulator before the bias: x is int8 (or +-1 int8 codes for binary)."""
+    if layer.kind == "dense":
+        x = x.reshape(x.shape[0], -1)
+        if layer.binary:
+            return -2 * binary.dense_popcount(binary.pack_activation_bits(x), p["w"])
+        return lax.dot_general(x, p["w"], _DOT, preferred_element_type=jnp.int32)
+    if layer.binary:
+        kh, kw = layer.weight_shape[:2]
+        words = binary.pack_activation_bits(x)
+        return -2 * binary.conv_popcount(words, p["w"], kh, kw, layer.stride, layer.padding)
+    return _conv_int8(layer, x, p["w"])
 
 
 def _max_pool(y, k: int):
@@ -79,32 +62,28 @@ def _max_pool(y, k: int):
     return jnp.max(y, axis=(2, 4))
 
 
-def _layer(layer, p, x, pad_value, first: bool):
-    """One layer -> (output codes int32, accumulator before pooling)."""
-    if layer.kind == "dense":
-        x = x.reshape(x.shape[0], -1)
-        dot = binary.binary_dense(x, p["w"]) if layer.binary else _dense_int8(layer, x, p["w"])
-    elif layer.binary:
-        kh, kw = layer.weight_shape[:2]
-        dot = binary.binary_conv(x, p["w"], kh, kw, layer.stride, layer.padding)
-    else:
-        dot = _conv_int8(layer, x, p["w"], pad_value, first)
-    acc = dot + p["b"]
-    y = _max_pool(acc, layer.pool) if layer.pool else acc
+def _output(layer, p, y):
     if layer.output == "requant_relu":
-        y = requant.requant_relu(y, p["m"], p["s"], layer.a_bits)
-    elif layer.output == "sign":
-        y = requant.sign(y)
-    else:
-        y = requant.requant_out(y, p["m"], p["s"])
-    return y, acc
+        offset = OFFSET if layer.a_bits == 8 else 0
+        return requant.requant_relu_int8(y, p["m"], p["s"], layer.a_bits, offset)
+    if layer.output == "sign":
+        return jnp.where(y >= 0, jnp.int8(1), jnp.int8(-1))
+    return requant.requant_out(y, p["m"], p["s"])
+
+
+def _layer(layer, p, x):
+    """One layer -> (next operand, accumulator before pooling)."""
+    acc = _dot(layer, p, x) + p["b"]
+    y = _max_pool(acc, layer.pool) if layer.pool else acc
+    return _output(layer, p, y), acc
 
 
 def _forward(layers, pad_value, with_stats: bool, params, images):
-    x = images
+    del pad_value                        # folded into the first layer's bias by prepare()
+    x = _pixels_int8(images)
     stats = []
-    for i, (layer, p) in enumerate(zip(layers, params)):
-        x, acc = _layer(layer, p, x, pad_value, first=i == 0)
+    for layer, p in zip(layers, params):
+        x, acc = _layer(layer, p, x)
         if with_stats:
             stats.append(jnp.max(jnp.abs(acc)))
     return (x, jnp.stack(stats)) if with_stats else x

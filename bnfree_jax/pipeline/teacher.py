@@ -9,13 +9,11 @@ import optax
 
 from bnfree_jax.nn.network import TEACHER
 from bnfree_jax.pipeline.evaluate import evaluate_top1
+from bnfree_jax.pipeline.phase_runner import train_phase
 from bnfree_jax.pipeline.phases import Ledger
 from bnfree_jax.pipeline.variables import load_variables, save_variables
-from bnfree_jax.train.checkpoint import Checkpointer
-from bnfree_jax.train.loop import run_loop
 from bnfree_jax.train.optim import make_optimizer
 from bnfree_jax.train.state import create_train_state
-from bnfree_jax.train.step import make_train_step
 
 
 def classification_loss(net):
@@ -52,19 +50,8 @@ def train_bn_network(ctx, phase: str, net, variables, steps: int, batch: int, op
     model_state = {"batch_stats": variables["batch_stats"]}
     state = create_train_state(params, tx, model_state=model_state, rng=ctx.config.seed + seed_offset)
     batches = ctx.train_batches(batch, seed_offset=seed_offset)
-    ckpt = Checkpointer(ctx.workdir / "checkpoints" / phase, save_every=ctx.config.checkpoint.save_every,
-                        keep=ctx.config.checkpoint.keep, log=ctx.log)
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state, extra, step = restored
-        if extra and "data" in extra:
-            batches.set_state(extra["data"])
-        ctx.log(f"[{phase}] resuming at step {step}")
-    step_fn = make_train_step(classification_loss(net), tx, ctx.mesh, compute_dtype=ctx.compute_dtype)
-    state = run_loop(step_fn=step_fn, state=state, frozen={}, batches=batches, mesh=ctx.mesh,
-                     num_steps=steps, checkpointer=ckpt, data_iterator=batches, extra={"phase": phase},
-                     metrics_path=ctx.metrics_path, phase=phase)
-    ckpt.close()
+    state = train_phase(ctx, phase, ctx.workdir / "checkpoints" / phase, state, {},
+                        classification_loss(net), tx, batches, steps)
     out = {"params": jax.device_get(state.params), **jax.device_get(state.model_state)}
     apply_fn = lambda p, ms, fr, x: net.apply({"params": p, **ms}, x, train=False)
     top1 = evaluate_top1(ctx, apply_fn, out["params"], {"batch_stats": out["batch_stats"]}, {})
