@@ -70,33 +70,8 @@ def _single(args: list[str], devices: int, timeout: float = 600) -> subprocess.C
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# Known pipeline failures under several processes, by their exact message; any other
-# failure fails the test.  Each becomes an expected failure until its file is fixed.
-KNOWN = {
-    # pipeline/phases.py Ledger._write: every process writes the ledger through the same
-    # temp file, so one process's os.replace can find it already moved by the other.
-    "phases.tmp' -> ": "ledger written by every process through one temp file (pipeline/phases.py)",
-    # pipeline/teacher.py and distill/stage_runner.py: `ckpt.restore_latest(state)`
-    # restores onto each leaf's single-device sharding instead of the mesh.
-    "Received incompatible devices for jitted computation":
-        "resume restores the state off the mesh (pipeline/teacher.py, distill/stage_runner.py)",
-    # distill/least_squares.py least_squares_init: the (α, β) fit uses each process's
-    # local batches only, so the processes start the stage with different parameters.
-    "passed to device_put is not the same on each process":
-        "least-squares init fitted on per-process data (distill/least_squares.py)",
-}
-
-
-def _xfail_if_known(out: str) -> None:
-    for signature, reason in KNOWN.items():
-        if signature in out:
-            pytest.xfail(reason)
-
-
 def _ok(proc) -> str:
     out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        _xfail_if_known(out)
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -213,8 +188,6 @@ def test_ptl_stage_runs_with_two_processes(teacher_runs):
             deadline = time.monotonic() + 600
             while not _tandem_done(workdir) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if not _tandem_done(workdir):
-                _xfail_if_known(log_path.read_text())
             assert _tandem_done(workdir), log_path.read_text()[-3000:]
             proc.send_signal(signal.SIGTERM)
             t0 = time.monotonic()

@@ -56,6 +56,10 @@ def least_squares_init(student_net, student_params: dict, teacher_net, teacher_v
     for _ in range(num_batches):
         s = stats_fn(student_params, teacher_vars, jnp.asarray(next(batches)["image"]))
         acc = s if acc is None else [a + b for a, b in zip(acc, s)]
+    if jax.process_count() > 1:  # every host fits the same (α, β) from the global statistics
+        from jax.experimental import multihost_utils
+
+        acc = [np.asarray(multihost_utils.process_allgather(np.asarray(a))).sum(0) for a in acc]
     params, errors = dict(student_params), {}
     for spec, st in zip(student_net.specs, acc):
         alpha, beta, rel = fit_affine(np.asarray(st), student_net.per_channel)

@@ -117,13 +117,13 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
 def _final_state(ctx, stage: Stage, k: int, trees: Trees, variant: str):
     """The finished previous stage's train state from its last checkpoint, so a resumed job
     carries the same optimizer moments into the next stage as an uninterrupted one."""
-    from bnfree_jax.train.checkpoint import Checkpointer
+    from bnfree_jax.train.checkpoint import Checkpointer, abstract_like
 
     c = ctx.config
     optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
     state, _, _ = stage_state(stage, trees, optim, c.seed + 1000 + k)
     ckpt = Checkpointer(ctx.workdir / "checkpoints" / variant / stage.name, save_every=1, keep=1, log=ctx.log)
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(abstract_like(state, ctx.mesh))
     ckpt.close()
     return None if restored is None else restored[0]
 

@@ -25,6 +25,8 @@ from bnfree_jax.intsim.prepare import OFFSET, prepare
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _DOT = (((1,), (0,)), ((), ()))
+import os
+_BIN_CHUNK = int(os.environ.get("BC", "32"))
 
 
 def _prepare(artifact) -> tuple:
@@ -50,16 +52,24 @@ def _dot(layer, p, x):
         return lax.dot_general(x, p["w"], _DOT, preferred_element_type=jnp.int32)
     if layer.binary:
         kh, kw = layer.weight_shape[:2]
-        words = binary.pack_activation_bits(x)
-        return -2 * binary.conv_popcount(words, p["w"], kh, kw, layer.stride, layer.padding)
+        def one(xc):                     # one image (lax.map vmaps it over a chunk)
+            words = binary.pack_activation_bits(xc[None])
+            return -2 * binary.conv_popcount(words, p["w"], kh, kw, layer.stride, layer.padding)[0]
+        return lax.map(one, x, batch_size=min(_BIN_CHUNK if _BIN_CHUNK > 0 else -(-x.shape[0] // -_BIN_CHUNK), x.shape[0]))
     return _conv_int8(layer, x, p["w"])
 
 
 def _max_pool(y, k: int):
-    n, h, w, c = y.shape
+    """Elementwise max of the k*k strided views: fuses with the output stage, unlike a
+    reduction over reshaped axes (XLA loops that one slowly)."""
+    _, h, w, _ = y.shape
     ho, wo = h // k, w // k
-    y = y[:, :ho * k, :wo * k, :].reshape(n, ho, k, wo, k, c)
-    return jnp.max(y, axis=(2, 4))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            v = y[:, i:i + k * (ho - 1) + 1:k, j:j + k * (wo - 1) + 1:k, :]
+            out = v if out is None else jnp.maximum(out, v)
+    return out
 
 
 def _output(layer, p, y):

@@ -115,12 +115,25 @@ def run(config, workdir: Path, args) -> int:
     t0 = time.time()
     ctx, ledger = open_job(config, workdir, args.force)
     run_distill(ctx, ledger)
-    export_student(ctx, ledger)
-    summary = write_report(ctx, ledger, wall_seconds=time.time() - t0)
-    from bnfree_jax.report.table import print_summary
+    from bnfree_jax.pipeline.context import is_primary
 
-    print_summary(summary)
+    if is_primary():  # export, verification and report are single-host work
+        export_student(ctx, ledger)
+        summary = write_report(ctx, ledger, wall_seconds=time.time() - t0)
+        from bnfree_jax.report.table import print_summary
+
+        print_summary(summary)
+    _barrier("bnfree_run_done")
     return 0
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def sweep(config, workdir: Path, args) -> int:

@@ -13,8 +13,22 @@ GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "rep
 
 
 def pin_config(config, workdir: Path, force: bool = False) -> None:
-    """Write workdir/config.json, or check the existing one matches (`force` starts over)."""
+    """Write workdir/config.json, or check the existing one matches (`force` starts over).
+
+    Every process checks; process 0 alone deletes and writes, then all meet at a barrier."""
+    import jax
+
     workdir = Path(workdir)
+    try:
+        _pin(config, workdir, force, primary=jax.process_index() == 0)
+    finally:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("bnfree_pin_config")
+
+
+def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -27,6 +41,8 @@ def pin_config(config, workdir: Path, force: bool = False) -> None:
         if diff:
             raise ConfigError(f"workdir {workdir} was started with a different config "
                               f"(changed: {', '.join(diff)}); use --force to start over")
+        return
+    if not primary:
         return
     if force:
         for name in GENERATED:

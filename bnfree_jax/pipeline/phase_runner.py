@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bnfree_jax.train.checkpoint import Checkpointer
+from bnfree_jax.train.checkpoint import Checkpointer, abstract_like
 from bnfree_jax.train.loop import run_loop
 from bnfree_jax.train.step import make_train_step
 
@@ -14,7 +14,7 @@ def train_phase(ctx, phase: str, ckpt_dir: Path, state, frozen, loss_fn, tx, bat
     ckpt = Checkpointer(ckpt_dir, save_every=ctx.config.checkpoint.save_every,
                         keep=ctx.config.checkpoint.keep, log=ctx.log)
     try:
-        restored = ckpt.restore_latest(state)
+        restored = ckpt.restore_latest(abstract_like(state, ctx.mesh))
         if restored is not None:
             state, extra, step = restored
             if extra and "data" in extra:

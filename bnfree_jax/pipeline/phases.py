@@ -27,6 +27,11 @@ class Ledger:
         self._write()
 
     def _write(self) -> None:
+        """Process 0 writes; every process keeps the same record in memory."""
+        import jax
+
+        if jax.process_index() != 0:
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
