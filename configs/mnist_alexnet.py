@@ -56,7 +56,7 @@ def get_config(arg: str = ""):
             raise ValueError(f"unknown config argument {a!r} (use quick, wXaY, channel)")
     if c.model.w_bits == 1 or c.model.a_bits == 1:
         # A binary teacher needs a real budget and a higher learning rate (DESIGN.md).
-        c.qat.steps = 1500
+        c.qat.steps = 1200
         c.qat.optim.lr = 3e-3
     if "quick" in args:
         c.data.max_train_examples = 4096

@@ -29,14 +29,17 @@ def n_words(c: int) -> int:
 
 
 def pack_weight_bits(w: np.ndarray) -> np.ndarray:
-    """+-1 weights [..., C, Cout] -> uint32 words [Cout, prod(...)*n_words(C)] (numpy, at load)."""
+    """+-1 weights [..., C, Cout] -> uint32 words [prod(...)*n_words(C), Cout] (numpy, at load).
+
+    Cout is the contiguous axis: the popcount loop vectorises over it, and a transpose
+    fused into that loop (strided loads) would cost ~2.5x."""
     *lead, c, cout = w.shape
     nw = n_words(c)
     bits = (w > 0).astype(np.uint64)
     bits = np.concatenate([bits, np.zeros((*lead, nw * 32 - c, cout), np.uint64)], axis=-2)
     bits = bits.reshape(*lead, nw, 32, cout)
     words = (bits << np.arange(32, dtype=np.uint64)[:, None]).sum(axis=-2).astype(np.uint32)
-    return np.ascontiguousarray(words.reshape(-1, cout).T)
+    return np.ascontiguousarray(words.reshape(-1, cout))
 
 
 def pack_activation_bits(x):
@@ -76,17 +79,22 @@ def _sum_popcounts(terms):
     return lax.bitcast_convert_type(total, jnp.int32)
 
 
-def conv_popcount(words, wt, kh: int, kw: int, stride: int, padding):
+def conv_popcount(words, wt, kh: int, kw: int, stride: int, padding, pool: int = 1, phase=(0, 0)):
     """popcount(xor) per output: words [N, H, W, nw] (unpadded), wt [kh*kw*nw, Cout]
-    -> int32 [N, Ho, Wo, Cout]; padded taps read as zero words."""
+    -> int32 [N, Ho, Wo, Cout]; padded taps read as zero words. With `pool` = k, only
+    the outputs (phase[0] + k*r, phase[1] + k*c) that a k x k VALID pool reads,
+    [N, Ho // k, Wo // k, Cout]: the max over the k*k phases is the pooled map, and
+    each phase is one fused loop (a pool fused onto the full map runs ~5x slower)."""
     n, h, w, nw = words.shape
     (pt, pb), (pl, pr) = padding
     ho, wo = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
+    ho, wo, step = ho // pool, wo // pool, stride * pool
     wp = jnp.pad(words, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     terms = []
     for i in range(kh):
         for j in range(kw):
-            tap = wp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            r0, c0 = phase[0] * stride + i, phase[1] * stride + j
+            tap = wp[:, r0:r0 + step * (ho - 1) + 1:step, c0:c0 + step * (wo - 1) + 1:step, :]
             for q in range(nw):
                 terms.append((tap[..., q:q + 1], wt[(i * kw + j) * nw + q]))
     return _sum_popcounts(terms)
@@ -106,16 +114,16 @@ def conv_correction(tap_sums, valid: np.ndarray):
 
 
 def binary_conv(x, wpk, kh: int, kw: int, stride: int, padding):
-    """x: +-1 codes [N, H, W, C]; wpk: [Cout, kh*kw*nw] -> int32 dot [N, Ho, Wo, Cout]."""
+    """x: +-1 codes [N, H, W, C]; wpk: [kh*kw*nw, Cout] -> int32 dot [N, Ho, Wo, Cout]."""
     _, h, w, c = x.shape
     nw = n_words(c)
     valid = tap_validity(h, w, kh, kw, stride, padding)
-    plus = jnp.sum(lax.population_count(wpk).astype(jnp.int32).reshape(wpk.shape[0], kh * kw, nw), axis=-1)
-    corr = conv_correction((2 * plus - c).T, valid)
-    pc = conv_popcount(pack_activation_bits(x), wpk.T, kh, kw, stride, padding)
+    plus = jnp.sum(lax.population_count(wpk).astype(jnp.int32).reshape(kh * kw, nw, -1), axis=1)
+    corr = conv_correction(2 * plus - c, valid)
+    pc = conv_popcount(pack_activation_bits(x), wpk, kh, kw, stride, padding)
     return (kh * kw * c + corr) - 2 * pc
 
 
 def binary_dense(x, wpk):
-    """x: +-1 codes [N, K]; wpk: [Cout, n_words(K)] (tail bits 0 on both sides) -> int32 [N, Cout]."""
-    return jnp.int32(x.shape[-1]) - 2 * dense_popcount(pack_activation_bits(x), wpk.T)
+    """x: +-1 codes [N, K]; wpk: [n_words(K), Cout] (tail bits 0 on both sides) -> int32 [N, Cout]."""
+    return jnp.int32(x.shape[-1]) - 2 * dense_popcount(pack_activation_bits(x), wpk)

@@ -45,7 +45,7 @@ def _conv_bias(layer, w: np.ndarray, bias: np.ndarray, pad_value, first: bool) -
 
 
 def _binary_params(layer, w: np.ndarray, bias: np.ndarray) -> dict:
-    wt = np.ascontiguousarray(binary.pack_weight_bits(w).T)           # [words, Cout]
+    wt = binary.pack_weight_bits(w)                                   # [words, Cout]
     k = int(np.prod(w.shape[:-1]))
     b = bias.astype(np.int64) + k
     if layer.kind == "conv":
