@@ -57,6 +57,30 @@ def test_mixed_widths_match_reference(tmp_path, w_bits, a_bits):
     assert [layer.binary for layer in art.layers] == want
 
 
+POOLED = [dict(kind="conv", cout=33, k=3, stride=1, padding=[[1, 1], [1, 1]], pool=2),
+          dict(kind="conv", cout=40, k=3, stride=1, padding=[[1, 1], [1, 1]], pool=2),
+          dict(kind="conv", cout=24, k=3, stride=1, padding=[[1, 1], [1, 1]], pool=3),
+          dict(kind="dense", cout=10)]
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [([8, 1, 1, 8], [1, 1, 1]), ([8, 1, 1, 8], [8, 1, 1])])
+def test_pooled_binary_convs_match_reference(tmp_path, w_bits, a_bits):
+    """Binary convs followed by max-pool (windows 2 and 3) take their own code path."""
+    rng = np.random.default_rng(5)
+    imgs = rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)
+    layers = random_student(rng, imgs, POOLED, w_bits, a_bits + [32], PAD)
+    d = str(tmp_path / "pooled")
+    write_artifact(d, layers=layers, input_spec={"shape": [12, 12, 3], "pad_value": PAD}, config={}, metrics={})
+    art = load_artifact(d)
+    assert art.layers[1].binary == (a_bits[0] == 1) and art.layers[2].binary
+    ref, accs = reference_run(d, imgs, return_accs=True)
+    for bs in (None, 4):
+        logits, acc_max = run_int_with_stats(art, imgs, batch_size=bs)
+        np.testing.assert_array_equal(np.asarray(logits), ref)
+        assert np.asarray(acc_max).tolist() == [int(np.abs(x).max()) for x in accs]
+    assert audit_float_ops(lambda x: run_int(art, x), imgs[:2])["count"] == 0
+
+
 def test_batched_equals_unbatched(tmp_path):
     _, art, imgs = _build(tmp_path, [1, 1, 1, 8], [1, 1, 1], seed=3)
     full, stats = run_int_with_stats(art, imgs)

@@ -29,10 +29,6 @@ _BIN_CHUNK = 32           # images per step of a pooled binary conv when the ful
 _TAPS_MAX = 32            # convs with at most this many taps*channels run as fused multiply-adds
 
 
-def _prepare(artifact) -> tuple:
-    return prepare(artifact)
-
-
 def _pixels_int8(images):
     """uint8 p -> int8 p - 128 (flip of the top bit)."""
     return lax.bitcast_convert_type(images ^ jnp.uint8(OFFSET), jnp.int8)
@@ -77,8 +73,8 @@ def _dot(layer, p, x):
             return -2 * binary.conv_popcount(binary.pack_activation_bits(x), p["w"], kh, kw,
                                              layer.stride, layer.padding)
 
-        def one(xc):                     # one image (lax.map vmaps it over a chunk): the
-            words = binary.pack_activation_bits(xc[None])   # map keeps the sum out of the pool
+        def one(xc):                     # one image; lax.map (over chunks) keeps the
+            words = binary.pack_activation_bits(xc[None])   # popcount sum out of the pool fusion
             return -2 * binary.conv_popcount(words, p["w"], kh, kw, layer.stride, layer.padding)[0]
         return lax.map(one, x, batch_size=min(_BIN_CHUNK, x.shape[0]))
     if int(np.prod(layer.weight_shape[:3])) <= _TAPS_MAX:
@@ -163,7 +159,7 @@ def run_int(artifact, images, *, batch_size: int | None = None, with_stats: bool
     `batch_size`. With `with_stats`, also the largest |acc| per layer (int32 [L])."""
     check_images(artifact, images)
     fn = _compiled(artifact.layers, artifact.pad_value, with_stats)
-    params = _prepare(artifact)
+    params = prepare(artifact)
     n = images.shape[0]
     if batch_size is None or n <= batch_size:
         return fn(params, images)

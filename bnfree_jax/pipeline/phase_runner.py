@@ -17,9 +17,9 @@ def train_phase(ctx, phase: str, ckpt_dir: Path, state, frozen, loss_fn, tx, bat
         restored = ckpt.restore_latest(abstract_like(state, ctx.mesh))
         if restored is not None:
             state, extra, step = restored
-            if extra and "data" in extra:
-                batches.set_state(extra["data"])
             ctx.log(f"[{phase}] resuming at step {step}")
+            if extra and "data" in extra:
+                restore_data_position(ctx, phase, batches, extra["data"])
         if steps > 0:
             step_fn = make_train_step(loss_fn, tx, ctx.mesh, compute_dtype=ctx.compute_dtype)
             state = run_loop(step_fn=step_fn, state=state, frozen=frozen, batches=batches, mesh=ctx.mesh,
@@ -28,3 +28,14 @@ def train_phase(ctx, phase: str, ckpt_dir: Path, state, frozen, loss_fn, tx, bat
     finally:
         ckpt.close()
     return state
+
+
+def restore_data_position(ctx, phase: str, batches, saved: dict) -> None:
+    """Resume the input stream where it was; a position saved under another host layout
+    (process count, batch) cannot be mapped onto this one: say so and start a fresh
+    deterministic shuffle instead of failing the resume."""
+    try:
+        batches.set_state(saved)
+    except ValueError as e:
+        ctx.log(f"[{phase}] parameters, optimizer state and step restored; the data position was not "
+                f"({e}); continuing with a fresh shuffle from the seed")
