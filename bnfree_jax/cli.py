@@ -19,7 +19,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bnfree", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="bnfree",
+        description="Train BatchNorm-free low-bit networks by progressive tandem distillation from a BN "
+                    "teacher, export them as integer-only artifacts, and verify them with an integer "
+                    "interpreter. Start with: bnfree run --config configs/mnist_alexnet.py --workdir runs/job")
     ap.add_argument("--distributed", action="store_true",
                     help="initialise jax.distributed (TPU pods auto-detect; else set coordinator flags/env)")
     sub = ap.add_subparsers(dest="command", required=True)
