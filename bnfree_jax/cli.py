@@ -81,6 +81,9 @@ def main(argv=None) -> int:
             from bnfree_jax.distributed import initialize
             initialize()
         outcome.code = dispatch(args)
+        if args.distributed:  # meet the other processes here, before interpreter teardown
+            import jax
+            jax.distributed.shutdown()
     return outcome.code
 
 

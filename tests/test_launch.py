@@ -146,7 +146,7 @@ def test_plan_explicit_env():
     kw = plan["kwargs"]
     assert (kw["coordinator_address"], kw["num_processes"], kw["process_id"]) == ("127.0.0.1:5000", 2, 1)
     assert kw["local_device_ids"] == [0, 1]
-    assert kw["initialization_timeout"] == 60 and kw["heartbeat_timeout_seconds"] == 60
+    assert kw["initialization_timeout"] == 120 and kw["heartbeat_timeout_seconds"] == 120
     with pytest.raises(ValueError):
         distributed.plan_from_env({"BNFREE_COORDINATOR": "h:1", "BNFREE_NUM_PROCESSES": "2"})
     with pytest.raises(ValueError):

@@ -94,8 +94,9 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
         t0 = time.time()
         extra = {}
         if stage.kind == "local_init" and not (ctx.workdir / "checkpoints" / variant / stage.name).exists():
-            S, ls_err = least_squares_init(student_net, trees.S, teacher_net, trees.teacher,
-                                           ctx.train_batches(c.ptl.batch, seed_offset=100 + k))
+            ls_batches = ctx.train_batches(c.ptl.batch, seed_offset=100 + k)
+            S, ls_err = least_squares_init(student_net, trees.S, teacher_net, trees.teacher, ls_batches)
+            ls_batches.close()
             trees = Trees(S=S, T=trees.T, Tbs=trees.Tbs, teacher=trees.teacher)
             extra["least_squares_rel_residual"] = ls_err
         if stage.kind == "tandem":

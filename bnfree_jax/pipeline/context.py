@@ -90,7 +90,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test.{jax.process_index()}.{os.getpid()}"  # one per process: no race
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -27,6 +27,9 @@ def train_phase(ctx, phase: str, ckpt_dir: Path, state, frozen, loss_fn, tx, bat
                              extra={"phase": phase}, metrics_path=ctx.metrics_path, phase=phase)
     finally:
         ckpt.close()
+        close = getattr(batches, "close", None)
+        if close is not None:  # stop the reader threads now, not at interpreter exit
+            close()
     return state
 
 
