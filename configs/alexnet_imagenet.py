@@ -46,7 +46,8 @@ def get_config(arg: str = ""):
         prefix="frozen",
         local_init=True,
         compensation=True,
-        cache_teacher_logits=False,            # augmented inputs: logits cannot be cached
+        layer_target="tandem",
+        cache_teacher=False, target_cache_mb=0,  # augmented inputs: teacher outputs cannot be cached
         optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),
         finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),
     )

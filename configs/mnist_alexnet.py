@@ -35,7 +35,9 @@ def get_config(arg: str = ""):
         prefix="frozen",            # converted layers before ℓ: "frozen" or "slow"
         local_init=True,            # ablation (d): False skips stage 1
         compensation=True,          # ablation (e): False freezes the downstream teacher copy
-        cache_teacher_logits=True,  # cache the teacher's logits when there is no augmentation
+        layer_target="tandem",      # S_ℓ imitates T'_ℓ on its own input ("teacher": the original teacher's path)
+        cache_teacher=True,         # with no augmentation: teacher logits (and layer targets) computed once
+        target_cache_mb=2048,       # host memory for cached layer targets, filled from the last layer back
         optim=_optim(lr=1e-3),
         finetune_optim=_optim(lr=2e-4),
     )

@@ -51,7 +51,12 @@ def test_plan_covers_every_parameter_once_per_stage(ctx, qat_vars):
         if stage.kind == "tandem":  # the tandem network uses S_1..S_l and T'_{l+1}..T'_L exactly
             l = stage.layer
             assert sorted(stage.groups(TRAINABLE)) == sorted([f"S:{names[l - 1]}"] + [f"T:{n}" for n in names[l:]])
-            assert stage.groups(FROZEN) == [f"S:{n}" for n in names[: l - 1]]
+            # T'_ℓ stays, frozen, as S_ℓ's target ("tandem" layer targets, the default)
+            assert sorted(stage.groups(FROZEN)) == sorted([f"S:{n}" for n in names[: l - 1]] + [f"T:{names[l - 1]}"])
+    cfg = ctx.config.ptl.copy_and_resolve_references()
+    cfg.layer_target = "teacher"  # the original teacher's path gives the target: T'_ℓ is not needed
+    for stage in build_stage_plan(cfg, names)[1:-1]:
+        assert stage.groups(FROZEN) == [f"S:{n}" for n in names[: stage.layer - 1]]
 
 
 def test_stage_trains_only_its_groups_and_keeps_no_frozen_moments(ctx, qat_vars):
@@ -105,17 +110,65 @@ def test_short_ptl_lowers_every_layer_loss_and_student_is_bn_free(ctx, qat_vars)
     cfg.local_init_steps, cfg.stage_steps, cfg.finetune_steps = 5, 15, 5
     cfg.ce_weight = 0.0  # the fixture's teacher is untrained: match it, don't fight it
     cfg.optim.lr = 1e-3
-    plan = build_stage_plan(cfg, names)
-    # start far from the teacher (a random student, α/β least-squares fitted), so every stage
-    # has real work to do
-    plan = [plan[0].__class__(**{**plan[0].__dict__, "steps": 0})] + plan[1:]
+    cfg.local_init = False  # start far from the targets, so every stage has real work to do:
+    plan = build_stage_plan(cfg, names)  # a random S_1, and S_ℓ folded from T'_ℓ without the α/β fit
     ledger = Ledger(ctx.workdir)
     student, records = run_plan(ctx, ledger, qat_vars, plan, variant="ptl_test", init="scratch")
     for rec in records:
         if rec["kind"] == "tandem":
             own = names[[r["name"] for r in records if r["kind"] == "tandem"].index(rec["name"])]
-            assert rec["metrics"]["layer_mse"][own] < rec["metrics"]["layer_mse_start"], rec["name"]
-    assert set(records[0]["metrics"]["least_squares_rel_residual"]) == set(names)
+            m = rec["metrics"]
+            if own == names[-1]:  # S_L starts as an exact copy of T'_L (no BN to fold) and then
+                assert m["layer_mse_start"] == 0.0  # trains on CE + KD as well: nothing to lower
+                continue
+            assert m["layer_mse_end"] < m["layer_mse_start"], rec["name"]
+            assert m["layer_mse"][own] < 1.0, rec["name"]  # and it stays close to the original teacher
+    assert all("handover_rel_residual" not in r["metrics"] for r in records)  # no refit without local init
     flat = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(student)[0]]
     assert flat and not any("bn" in p or "batch_stats" in p for p in flat)
     assert ledger.done("ptl_test/finetune")
+
+
+def test_handover_carries_compensation_into_the_student(ctx, qat_vars):
+    """After stage 1 trains T'_2 (compensation), stage 2's S_2 is folded from that trained
+    T'_2, and its α, β are the least-squares fit to T'_2 on the student's own input."""
+    from bnfree_jax.distill.fold import fold_layer
+    from bnfree_jax.distill.handover import hand_over, needs_handover
+    from bnfree_jax.distill.tandem import tandem_roles, tandem_variables
+
+    names = [s.name for s in ctx.specs(True)]
+    plan = build_stage_plan(ctx.config.ptl, names)
+    assert [needs_handover(plan, k) for k in range(len(plan))] == [False, False] + [True] * (len(names) - 1) + [False]
+    stage1 = type(plan[1])(**{**plan[1].__dict__, "steps": 4})
+    trees = initial_trees(ctx, qat_vars, ctx.network(STUDENT), "fold", 0)
+    loss = stage_loss(ctx, stage1, ctx.network(STUDENT), ctx.network(TEACHER))
+    trees, _ = run_stage(ctx, stage1, trees, loss, ctx.config.ptl.optim, ctx.workdir / "ck_handover", seed=0)
+    n2 = names[1]
+    assert not np.array_equal(np.asarray(trees.T[n2]["kernel"]), np.asarray(qat_vars["params"][n2]["kernel"]))
+    batches = ctx.train_batches(32, seed_offset=9)
+    new, rel = hand_over(ctx, plan[2], trees, refit=True, batches=batches, num_batches=2)
+    batches.close()
+    spec = ctx.specs(True)[1]
+    student_net = ctx.network(STUDENT)
+    folded = fold_layer(spec, trees.T[n2], trees.Tbs[n2], None, student_net.per_channel)
+    np.testing.assert_array_equal(np.asarray(new.S[n2]["kernel"]), folded["kernel"])
+    # numpy least squares of T'_2(h) on S_2's raw op output over the same images
+    batches = ctx.train_batches(32, seed_offset=9)
+    images = np.concatenate([next(batches)["image"] for _ in range(2)])
+    batches.close()
+    L = len(names)
+    net2, net1 = ctx.network(tandem_roles(L, 2)), ctx.network(tandem_roles(L, 1))
+    unit = {**new.S, n2: {**new.S[n2], "alpha": np.float32(1.0), "beta": np.zeros_like(new.S[n2]["beta"])}}
+    h = net2.apply(tandem_variables(net2.specs, 2, unit, trees.T, trees.Tbs), images, stop=1)
+    _, c = net2.apply(tandem_variables(net2.specs, 2, unit, trees.T, trees.Tbs), h, start=1, stop=2, capture=True)
+    _, t = net1.apply(tandem_variables(net1.specs, 1, new.S, trees.T, trees.Tbs), h, start=1, stop=2, capture=True)
+    c = np.asarray(c[0][1], np.float64).reshape(-1, spec.features)
+    t = np.asarray(t[0][1], np.float64).reshape(-1, spec.features)
+    A = np.zeros((c.size, 1 + spec.features))
+    A[:, 0] = c.T.reshape(-1)
+    for k in range(spec.features):
+        A[k * len(c):(k + 1) * len(c), 1 + k] = 1
+    sol, res, *_ = np.linalg.lstsq(A, t.T.reshape(-1), rcond=None)
+    np.testing.assert_allclose(new.S[n2]["alpha"], sol[0], rtol=1e-3)
+    np.testing.assert_allclose(new.S[n2]["beta"], sol[1:], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(rel, res[0] / ((t - t.mean(0)) ** 2).sum(), rtol=1e-3)

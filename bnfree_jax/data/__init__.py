@@ -1,10 +1,12 @@
 """Input data: the embedded MNIST TFDS builder, TFDS ArrayRecord sources, grain pipelines."""
 
 from bnfree_jax.data.info import DatasetInfo, dataset_info, default_data_dir
-from bnfree_jax.data.pipeline import TrainIterator, eval_batches, train_iterator
+from bnfree_jax.data.pipeline import (TrainIterator, eval_batches, example_batches, shard_ids,
+                                      train_iterator)
 from bnfree_jax.data.sources import TfdsSource, ensure_dataset, get_source
 
 __all__ = [
     "DatasetInfo", "TfdsSource", "TrainIterator", "dataset_info", "default_data_dir",
-    "ensure_dataset", "eval_batches", "get_source", "train_iterator",
+    "ensure_dataset", "eval_batches", "example_batches", "get_source", "shard_ids",
+    "train_iterator",
 ]

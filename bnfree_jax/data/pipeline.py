@@ -79,7 +79,8 @@ class _TrainBatch:
             images.append(train_preprocess(rec["image"], self.augment, rng, self.image_size))
             labels.append(rec["label"])
         return {"image": np.stack(images).astype(np.uint8, copy=False),
-                "label": np.asarray(labels, np.int32)}
+                "label": np.asarray(labels, np.int32),
+                "index": ids.astype(np.int32)}  # example ids: keys of per-example caches
 
 
 class TrainIterator:
@@ -121,7 +122,8 @@ def train_iterator(source, *, global_batch: int, seed: int, augment: str = "none
                    process_index: int | None = None, process_count: int | None = None,
                    image_size: int | None = None, num_threads: int = 2,
                    prefetch_batches: int = 4, num_workers: int = 0) -> TrainIterator:
-    """Endless iterator of {'image': uint8 [B, H, W, C], 'label': int32 [B]}, B = global_batch
+    """Endless iterator of {'image': uint8 [B, H, W, C], 'label': int32 [B], 'index': int32 [B]
+    (example ids)}, B = global_batch
     // process_count, over this process's shard, reshuffled each epoch from `seed`.
 
     `augment`: 'none' | 'crop_flip' | 'imagenet'. `num_threads` reading threads (0:
@@ -156,6 +158,30 @@ def train_iterator(source, *, global_batch: int, seed: int, augment: str = "none
               "num_examples": n, "augment": augment, "image_size": size,
               "num_workers": int(num_workers)}  # worker iterators keep another state format
     return TrainIterator(it_ds, config)
+
+
+def shard_ids(num_examples: int, process_index: int | None = None,
+              process_count: int | None = None) -> np.ndarray:
+    """The example ids `train_iterator` gives this process (sorted)."""
+    pi, pc = _process_shard(process_index, process_count)
+    return pi + pc * np.arange(num_examples // pc, dtype=np.int64)
+
+
+def example_batches(source, ids, *, batch_size: int, image_size: int | None = None,
+                    num_threads: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, uint8 images) of the given examples in order, preprocessed as `train_iterator`
+    does with augment='none': the inputs a per-example cache is computed from."""
+    ids = np.asarray(ids, np.int64)
+    size = _image_size(source, image_size)
+
+    def read(b: int):
+        chunk = ids[b * batch_size:(b + 1) * batch_size]
+        images = [train_preprocess(r["image"], "none", None, size) for r in _read(source, chunk)]
+        return chunk, np.stack(images).astype(np.uint8, copy=False)
+
+    num_batches = math.ceil(len(ids) / batch_size)
+    ds = grain.MapDataset.range(num_batches).map(read)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))
 
 
 def _absl_flags_ready() -> None:

@@ -18,17 +18,36 @@ from bnfree_jax.distill.tandem import teacher_targets
 def _layer_stats(student_net, student_params, teacher_net, teacher_vars, images):
     """Per layer, per channel: n, Σc, Σt, Σc², Σct (α=1, β=0 in the student)."""
     _, t_trace = teacher_targets(teacher_net, teacher_vars, images)
-    unit = {n: {**p, "alpha": jnp.ones_like(p["alpha"]), "beta": jnp.zeros_like(p["beta"])}
-            for n, p in student_params.items()}
+    unit = {n: unit_scale(p) for n, p in student_params.items()}
     out = []
     for i, _ in enumerate(student_net.specs):
         x = images if i == 0 else t_trace[i - 1][0]
         _, tr = student_net.apply({"params": unit}, x, start=i, stop=i + 1, capture=True)
-        c = tr[0][1].reshape(-1, tr[0][1].shape[-1])
-        t = t_trace[i][1].reshape(c.shape)
-        out.append(jnp.stack([jnp.full(c.shape[-1], c.shape[0], jnp.float32), c.sum(0), t.sum(0),
-                              (c * c).sum(0), (c * t).sum(0), (t * t).sum(0)]))
+        out.append(affine_stats(tr[0][1], t_trace[i][1]))
     return out
+
+
+def unit_scale(layer_params: dict) -> dict:
+    """The layer with α = 1, β = 0: its output is the raw quantised op."""
+    return {**layer_params, "alpha": jnp.ones_like(layer_params["alpha"]),
+            "beta": jnp.zeros_like(layer_params["beta"])}
+
+
+def affine_stats(c, t):
+    """Per channel: n, Σc, Σt, Σc², Σct, Σt² of op outputs c and targets t."""
+    c = c.reshape(-1, c.shape[-1])
+    t = t.reshape(c.shape)
+    return jnp.stack([jnp.full(c.shape[-1], c.shape[0], jnp.float32), c.sum(0), t.sum(0),
+                      (c * c).sum(0), (c * t).sum(0), (t * t).sum(0)])
+
+
+def global_sum(acc: list) -> list:
+    """Statistics summed over every host, so every host fits the same (α, β)."""
+    if jax.process_count() == 1:
+        return [np.asarray(a) for a in acc]
+    from jax.experimental import multihost_utils
+
+    return [np.asarray(multihost_utils.process_allgather(np.asarray(a))).sum(0) for a in acc]
 
 
 def fit_affine(stats: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray, float]:
@@ -56,10 +75,7 @@ def least_squares_init(student_net, student_params: dict, teacher_net, teacher_v
     for _ in range(num_batches):
         s = stats_fn(student_params, teacher_vars, jnp.asarray(next(batches)["image"]))
         acc = s if acc is None else [a + b for a, b in zip(acc, s)]
-    if jax.process_count() > 1:  # every host fits the same (α, β) from the global statistics
-        from jax.experimental import multihost_utils
-
-        acc = [np.asarray(multihost_utils.process_allgather(np.asarray(a))).sum(0) for a in acc]
+    acc = global_sum(acc)
     params, errors = dict(student_params), {}
     for spec, st in zip(student_net.specs, acc):
         alpha, beta, rel = fit_affine(np.asarray(st), student_net.per_channel)

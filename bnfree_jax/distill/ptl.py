@@ -15,10 +15,12 @@ import numpy as np
 
 from bnfree_jax.distill.fold import fold_student
 from bnfree_jax.distill.least_squares import least_squares_init
-from bnfree_jax.distill.plan import FROZEN, Stage, build_stage_plan
+from bnfree_jax.distill.handover import hand_over, needs_handover
+from bnfree_jax.distill.plan import FROZEN, UNUSED, Stage, build_stage_plan
 from bnfree_jax.distill.stage_runner import Trees, run_stage, stage_state
+from bnfree_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_local_init_loss,
-                                       make_tandem_loss, tandem_roles, tandem_variables)
+                                       make_tandem_loss, own_layer_error, tandem_roles, tandem_variables)
 from bnfree_jax.nn.network import STUDENT, TEACHER
 from bnfree_jax.pipeline.evaluate import evaluate_top1
 from bnfree_jax.pipeline.variables import load_variables, save_variables
@@ -36,10 +38,16 @@ def stage_loss(ctx, stage: Stage, student_net, teacher_net):
         return make_local_init_loss(student_net, teacher_net)
     if stage.kind == "finetune":
         return make_finetune_loss(student_net, teacher_net, stage.losses, p.kd_temperature)
-    tandem = ctx.network(tandem_roles(len(student_net.specs), stage.layer))
-    prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN
-                        for s in student_net.specs[: stage.layer - 1])
-    return make_tandem_loss(tandem, teacher_net, stage.layer, stage.losses, p.kd_temperature, prefix_frozen)
+    L, l = len(student_net.specs), stage.layer
+    prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN for s in student_net.specs[: l - 1])
+    return make_tandem_loss(ctx.network(tandem_roles(L, l)), ctx.network(tandem_roles(L, l - 1)), teacher_net,
+                            l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(ctx, stage))
+
+
+def target_mode(ctx, stage: Stage) -> str:
+    """'tandem' when the plan gave stage ℓ the working copy T'_ℓ as its target, else 'teacher'."""
+    name = ctx.specs(quantized=True)[stage.layer - 1].name
+    return "teacher" if stage.labels.get(f"T:{name}", UNUSED) == UNUSED else "tandem"
 
 
 def stage_metrics(ctx, stage: Stage, trees: Trees, student_net, teacher_net, probe) -> dict:
@@ -55,11 +63,28 @@ def stage_metrics(ctx, stage: Stage, trees: Trees, student_net, teacher_net, pro
 
 
 def _own_layer_error(ctx, stage: Stage, trees: Trees, teacher_net, probe) -> float:
-    """Relative MSE of the stage's own layer before it trains (its starting point)."""
-    L = len(teacher_net.specs)
-    net = ctx.network(tandem_roles(L, stage.layer))
-    variables = tandem_variables(net.specs, stage.layer, trees.S, trees.T, trees.Tbs)
-    return layer_errors(net, teacher_net, stage.layer, variables, trees.teacher, probe)[net.specs[stage.layer - 1].name]
+    """Relative MSE of the stage's own layer to its stage target (what the stage minimises)."""
+    L, l = len(teacher_net.specs), stage.layer
+    return own_layer_error(ctx.network(tandem_roles(L, l)), ctx.network(tandem_roles(L, l - 1)), teacher_net,
+                           l, trees, probe, target_mode(ctx, stage))
+
+
+def job_teacher_cache(ctx, teacher_vars) -> Optional[TeacherCache]:
+    """The job's teacher cache, built on first use and shared by PTL and the baselines;
+    None when training inputs are augmented or `ptl.cache_teacher` is off."""
+    p = ctx.config.ptl
+    if not p.cache_teacher or ctx.config.data.augment != "none":
+        return None
+    if "teacher_cache" not in ctx.memo:
+        t0 = time.time()
+        budget = p.target_cache_mb if p.layer_target == "teacher" else 0  # "tandem" targets come from T'
+        cache = build_teacher_cache(ctx.network(TEACHER), teacher_vars, ctx.train_source,
+                                    budget_mb=budget, image_size=ctx.config.data.image_size or None)
+        names = [s.name for s in ctx.specs(quantized=True)]
+        ctx.log(f"teacher cache: logits and targets of {', '.join(names[l - 1] for l in cache.targets) or 'no layer'} "
+                f"for {len(cache.ids)} examples, {cache.nbytes / 2 ** 20:.0f} MiB in {time.time() - t0:.1f} s")
+        ctx.memo["teacher_cache"] = cache
+    return ctx.memo["teacher_cache"]
 
 
 def initial_trees(ctx, qat_vars, student_net, init: str, seed: int) -> Trees:
@@ -79,6 +104,7 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
     teacher_net = ctx.network(TEACHER)
     trees = initial_trees(ctx, qat_vars, student_net, init, c.seed)
     probe = _probe_images(ctx)
+    cache = job_teacher_cache(ctx, qat_vars) if any(s.steps for s in plan) else None
     records, prev_state = [], None
     for k, stage in enumerate(plan):
         key = f"{variant}/{stage.name}"
@@ -99,13 +125,21 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
             ls_batches.close()
             trees = Trees(S=S, T=trees.T, Tbs=trees.Tbs, teacher=trees.teacher)
             extra["least_squares_rel_residual"] = ls_err
+        if needs_handover(plan, k) and not (ctx.workdir / "checkpoints" / variant / stage.name).exists():
+            ls_batches = ctx.train_batches(c.ptl.batch, seed_offset=200 + k)
+            trees, rel = hand_over(ctx, stage, trees, refit=c.ptl.local_init, batches=ls_batches)
+            ls_batches.close()
+            if rel is not None:
+                extra["handover_rel_residual"] = rel
         if stage.kind == "tandem":
             extra["layer_mse_start"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
         optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
         trees, prev_state = run_stage(ctx, stage, trees, stage_loss(ctx, stage, student_net, teacher_net),
                                       optim, ctx.workdir / "checkpoints" / variant / stage.name,
-                                      seed=c.seed + 1000 + k, prev=prev_state)
+                                      seed=c.seed + 1000 + k, prev=prev_state, cache=cache)
         metrics = stage_metrics(ctx, stage, trees, student_net, teacher_net, probe)
+        if stage.kind == "tandem":
+            extra["layer_mse_end"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
         rec = {"order": k, "variant": variant, "name": stage.name, "kind": stage.kind, "steps": stage.steps,
                "seconds": round(time.time() - t0, 2), "metrics": {**metrics, **extra}}
         save_variables(out, {"S": trees.S, "T": trees.T})

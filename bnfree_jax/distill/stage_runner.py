@@ -9,6 +9,7 @@ from typing import Any, Optional
 import jax
 
 from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE, UNUSED, Stage
+from bnfree_jax.distill.teacher_cache import CachedBatches, TeacherCache
 from bnfree_jax.pipeline.phase_runner import train_phase
 from bnfree_jax.train.optim import carry_moments, make_staged_optimizer
 from bnfree_jax.train.state import create_train_state
@@ -53,11 +54,14 @@ def stage_state(stage: Stage, trees: Trees, optim_cfg, seed: int):
 
 
 def run_stage(ctx, stage: Stage, trees: Trees, loss_fn, optim_cfg, ckpt_dir, *, seed: int,
-              prev: Optional[Any] = None, batches=None) -> tuple[Trees, Any]:
-    """Train one stage to its budget (resuming inside it if a checkpoint exists)."""
+              prev: Optional[Any] = None, cache: Optional[TeacherCache] = None) -> tuple[Trees, Any]:
+    """Train one stage to its budget (resuming inside it if a checkpoint exists); with a
+    teacher cache, its batches carry the teacher's logits and this stage's layer target."""
     state, frozen, tx = stage_state(stage, trees, optim_cfg, seed)
     if prev is not None:
         state = state.replace(opt_state=carry_moments(prev.opt_state, prev.params, state.opt_state, state.params))
-    batches = batches or ctx.train_batches(ctx.config.ptl.batch, seed_offset=seed)
+    batches = ctx.train_batches(ctx.config.ptl.batch, seed_offset=seed)
+    if cache is not None and stage.kind in ("tandem", "finetune"):
+        batches = CachedBatches(batches, cache, layer=stage.layer)
     state = train_phase(ctx, stage.name, ckpt_dir, state, frozen, loss_fn, tx, batches, stage.steps)
     return merge_back(trees, state.params), state

@@ -37,12 +37,45 @@ def teacher_targets(teacher_net, teacher_vars, images):
     return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, trace)
 
 
-def make_tandem_loss(tandem_net, teacher_net, l: int, losses: dict, temperature: float,
-                     prefix_frozen: bool):
-    """Stage ℓ: S_ℓ is fitted by the layer-wise MSE of its output (on the student path) to the
-    teacher's post-BN output; T'_{ℓ+1..L} compensate by CE + KD of the tandem logits, which do
+def stage_targets(teacher_net, frozen, batch, l: int):
+    """(teacher logits, teacher's post-BN output at layer ℓ) for stage ℓ: read from the batch
+    where `CachedBatches` put them; otherwise the teacher runs only as far as it must
+    (layer ℓ when the logits are cached, the whole network when they are not)."""
+    if "t_logits" in batch and "t_target" in batch:
+        return batch["t_logits"], batch["t_target"]
+    if "t_logits" in batch:
+        _, trace = teacher_net.apply(frozen["teacher"], batch["image"], train=False, stop=l, capture=True)
+        return batch["t_logits"], jax.lax.stop_gradient(trace[l - 1][1])
+    t_logits, t_trace = teacher_targets(teacher_net, frozen["teacher"], batch["image"])
+    return t_logits, t_trace[l - 1][1]
+
+
+def layer_target(target_net, teacher_net, frozen, batch, l: int, h, mode: str):
+    """Stage ℓ's target: `"tandem"`, T'_ℓ (the working copy as earlier stages compensated it,
+    BN in inference mode) on the student's input h; `"teacher"`, the original teacher's
+    post-BN output on its own path (read from the batch when cached)."""
+    if mode == "tandem":
+        variables = tandem_variables(target_net.specs, l - 1, frozen.get("S", {}), frozen["T"], frozen["Tbs"])
+        _, trace = target_net.apply(variables, h, start=l - 1, stop=l, capture=True)
+        return jax.lax.stop_gradient(trace[0][1])
+    return stage_targets(teacher_net, frozen, batch, l)[1]
+
+
+def _student_input(tandem_net, variables, images, l: int, prefix_frozen: bool):
+    """S_ℓ's input: the converted prefix S_1..S_{ℓ-1}, outside autodiff when frozen."""
+    if l == 1:
+        return images
+    h = tandem_net.apply(variables, images, stop=l - 1)
+    return jax.lax.stop_gradient(h) if prefix_frozen else h
+
+
+def make_tandem_loss(tandem_net, target_net, teacher_net, l: int, losses: dict, temperature: float,
+                     prefix_frozen: bool, target: str = "tandem"):
+    """Stage ℓ: S_ℓ is fitted by the layer-wise MSE of its output to its target (see
+    `layer_target`); T'_{ℓ+1..L} compensate by CE + KD of the tandem logits, which do
     not reach S_ℓ (its output enters T' through stop_gradient), except at ℓ = L where S_L
-    produces the logits itself. With a frozen prefix, S_1..S_{ℓ-1} run outside autodiff."""
+    produces the logits itself. With a frozen prefix, S_1..S_{ℓ-1} run outside autodiff.
+    `target_net` is the tandem network of stage ℓ-1 (T'_ℓ still in place)."""
     specs = tandem_net.specs
 
     def loss_fn(params, model_state, frozen, batch, rng):
@@ -50,13 +83,12 @@ def make_tandem_loss(tandem_net, teacher_net, l: int, losses: dict, temperature:
         student, tprime = merged(params, frozen, "S"), merged(params, frozen, "T")
         variables = tandem_variables(specs, l, student, tprime, frozen["Tbs"])
         images = batch["image"]
-        t_logits, t_trace = teacher_targets(teacher_net, frozen["teacher"], images)
-        if prefix_frozen and l > 1:
-            h = jax.lax.stop_gradient(tandem_net.apply(variables, images, stop=l - 1))
-        else:
-            h = tandem_net.apply(variables, images, stop=l - 1) if l > 1 else images
+        t_logits = batch["t_logits"] if "t_logits" in batch else stage_targets(teacher_net, frozen, batch, l)[0]
+        h = _student_input(tandem_net, variables, images, l, prefix_frozen)
+        goal = layer_target(target_net, teacher_net, {**frozen, "S": student, "T": tprime}, batch, l,
+                            jax.lax.stop_gradient(h), target)
         act, trace = tandem_net.apply(variables, h, start=l - 1, stop=l, capture=True)
-        layer_mse = relative_mse(trace[0][1], t_trace[l - 1][1])
+        layer_mse = relative_mse(trace[0][1], goal)
         if l < len(specs):  # S_ℓ learns from its target; T' compensates through the task loss
             logits = tandem_net.apply(variables, jax.lax.stop_gradient(act), start=l)
         else:
@@ -67,6 +99,16 @@ def make_tandem_loss(tandem_net, teacher_net, l: int, losses: dict, temperature:
         return loss, ({}, {"layer_mse": layer_mse, "accuracy": acc, **parts})
 
     return loss_fn
+
+
+def own_layer_error(tandem_net, target_net, teacher_net, l: int, trees, images, target: str) -> float:
+    """Relative MSE of S_ℓ to its stage target on `images` (the quantity stage ℓ minimises)."""
+    variables = tandem_variables(tandem_net.specs, l, trees.S, trees.T, trees.Tbs)
+    h = _student_input(tandem_net, variables, images, l, True)
+    frozen = {"S": trees.S, "T": trees.T, "Tbs": trees.Tbs, "teacher": trees.teacher}
+    goal = layer_target(target_net, teacher_net, frozen, {"image": images}, l, h, target)
+    _, trace = tandem_net.apply(variables, h, start=l - 1, stop=l, capture=True)
+    return float(relative_mse(trace[0][1], goal))
 
 
 def make_local_init_loss(student_net, teacher_net):
@@ -97,7 +139,9 @@ def make_finetune_loss(student_net, teacher_net, losses: dict, temperature: floa
         del model_state, rng
         student = merged(params, frozen, "S")
         logits = student_net.apply({"params": student}, batch["image"])
-        if losses.get("kd", 0.0):
+        if "t_logits" in batch:
+            t_logits = batch["t_logits"]
+        elif losses.get("kd", 0.0):
             t_logits, _ = teacher_targets(teacher_net, frozen["teacher"], batch["image"])
         else:
             t_logits = logits

@@ -26,6 +26,7 @@ class Context:
     train_source: Any
     test_source: Any
     log: Any = print
+    memo: dict = dataclasses.field(default_factory=dict, repr=False)  # per-job values built once (teacher cache)
 
     @property
     def data_dir(self) -> Optional[str]:
