@@ -1,8 +1,9 @@
 """Training-step throughput of the project's own steps on alexnet_cifar (project venv).
 
 (i) float BN teacher step, (ii) W4A4 QAT step (fake-quant, BN, first/last 8-bit),
-(iii) a middle PTL tandem stage: teacher forward for targets + tandem forward/backward +
-Adam update, built with the real distill code (make_tandem_loss, stage split, make_train_step)
+(iii) a middle PTL tandem stage: tandem forward/backward + S_ℓ's target from T'_ℓ + Adam
+update, with the teacher's logits read from the batch (teacher cache) and, for the ratio
+`teacher_cache_speedup`, computed by a teacher forward in the step, built with the real distill code (make_tandem_loss, stage split, make_train_step)
 on a one-device mesh. Prints images/s per step kind and fakequant_overhead = t(W4A4)/t(float).
 """
 
@@ -33,7 +34,7 @@ from bnfree_jax.train.state import create_train_state  # noqa: E402
 from bnfree_jax.train.step import make_train_step  # noqa: E402
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-PTL_CFG = types.SimpleNamespace(local_init=False, local_init_steps=0, prefix="frozen", compensation=True,
+PTL_CFG = types.SimpleNamespace(layer_target="tandem", local_init=False, local_init_steps=0, prefix="frozen", compensation=True,
                                 layer_loss_weight=1.0, ce_weight=1.0, kd_weight=1.0, stage_steps=1,
                                 finetune_steps=0)
 
@@ -69,20 +70,28 @@ def bn_step(mesh, specs, batch, repeats, inner):
     return _timed_step(step, state, {}, batch, repeats, inner)
 
 
-def ptl_step(mesh, specs, batch, repeats, inner, layer: int):
-    """Stage `layer` of PTL: S_layer trainable, S_1..S_{layer-1} frozen, T' downstream trainable."""
+def ptl_step(mesh, specs, batch, repeats, inner, layer: int, cached: bool):
+    """Stage `layer` of PTL: S_layer trainable, S_1..S_{layer-1} frozen, T' downstream trainable,
+    S_layer's target T'_layer on its own input (the default). `cached`: the batch carries the
+    teacher's logits (the teacher cache, as with no augmentation); otherwise the step runs the
+    whole teacher forward for them."""
     teacher = make_network(specs, TEACHER, MEAN, STD)
     student = make_network(specs, STUDENT, MEAN, STD)
     tv, sv = _init(teacher, 1), _init(student, 2)
     trees = Trees(S=sv["params"], T=dict(tv["params"]), Tbs=dict(tv["batch_stats"]), teacher=tv)
     stage = build_stage_plan(PTL_CFG, [s.name for s in specs])[layer - 1]
     params, frozen, _ = split(stage, trees)
-    tandem = make_network(specs, tandem_roles(len(specs), layer), MEAN, STD)
+    L = len(specs)
+    tandem = make_network(specs, tandem_roles(L, layer), MEAN, STD)
+    target_net = make_network(specs, tandem_roles(L, layer - 1), MEAN, STD)
     prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN for s in specs[:layer - 1])
-    loss_fn = make_tandem_loss(tandem, teacher, layer, stage.losses, 4.0, prefix_frozen)
+    loss_fn = make_tandem_loss(tandem, target_net, teacher, layer, stage.losses, 4.0, prefix_frozen)
     tx = optax.adam(1e-3)
     state = put_replicated(create_train_state(params, tx), mesh)
     step = make_train_step(loss_fn, tx, mesh)
+    if cached:
+        logits = jax.jit(lambda v, x: teacher.apply(v, x, train=False))(tv, batch["image"])
+        batch = {**batch, "t_logits": jax.device_put(logits, batch["image"].sharding)}
     return _timed_step(step, state, put_replicated(frozen, mesh), batch, repeats, inner)
 
 
@@ -99,13 +108,16 @@ def main(argv=None):
     q = with_bits(base, 4, 4, 8)
     t_float, runs_float = bn_step(mesh, with_bits(base, 32, 32), batch, args.repeats, args.inner)
     t_qat, runs_qat = bn_step(mesh, q, batch, args.repeats, args.inner)
-    t_ptl, runs_ptl = ptl_step(mesh, q, batch, args.repeats, args.inner, args.stage)
+    t_ptl, runs_ptl = ptl_step(mesh, q, batch, args.repeats, args.inner, args.stage, cached=True)
+    t_ptl_nc, runs_ptl_nc = ptl_step(mesh, q, batch, args.repeats, args.inner, args.stage, cached=False)
     emit({"bench": "train_step", "batch": args.batch, "model": "alexnet_cifar", "ptl_stage": args.stage,
           "float_step_images_per_s": rate(args.batch, t_float),
           "w4a4_qat_step_images_per_s": rate(args.batch, t_qat),
           "ptl_step_images_per_s": rate(args.batch, t_ptl),
+          "ptl_step_uncached_images_per_s": rate(args.batch, t_ptl_nc),
+          "teacher_cache_speedup": round(t_ptl_nc / t_ptl, 3),
           "fakequant_overhead": round(t_qat / t_float, 3),
-          "runs_s": {"float": runs_float, "w4a4": runs_qat, "ptl": runs_ptl},
+          "runs_s": {"float": runs_float, "w4a4": runs_qat, "ptl": runs_ptl, "ptl_uncached": runs_ptl_nc},
           "jax": jax.__version__, "machine": machine()})
 
 

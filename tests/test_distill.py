@@ -1,13 +1,15 @@
 """Progressive tandem learning: plan coverage, frozen/trainable behaviour, optimizer state,
 least squares, and a short PTL run that lowers every layer-wise target loss."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from bnfree_jax.config_io import load_config
 from bnfree_jax.distill.least_squares import fit_affine
-from bnfree_jax.distill.plan import FROZEN, TRAINABLE, UNUSED, build_stage_plan
+from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE, UNUSED, build_stage_plan
 from bnfree_jax.distill.ptl import initial_trees, run_plan, stage_loss
 from bnfree_jax.distill.stage_runner import run_stage, split, stage_state
 from bnfree_jax.nn.network import STUDENT, TEACHER
@@ -50,7 +52,8 @@ def test_plan_covers_every_parameter_once_per_stage(ctx, qat_vars):
             assert len(set(seen) | set(unused)) == len(seen) + len(unused), stage.name
         if stage.kind == "tandem":  # the tandem network uses S_1..S_l and T'_{l+1}..T'_L exactly
             l = stage.layer
-            assert sorted(stage.groups(TRAINABLE)) == sorted([f"S:{names[l - 1]}"] + [f"T:{n}" for n in names[l:]])
+            assert sorted(stage.groups(TRAINABLE)) == sorted(f"T:{n}" for n in names[l:])
+            assert stage.groups(SLOW) == [f"S:{names[l - 1]}"]  # own_layer_rate="slow" (default)
             # T'_ℓ stays, frozen, as S_ℓ's target ("tandem" layer targets, the default)
             assert sorted(stage.groups(FROZEN)) == sorted([f"S:{n}" for n in names[: l - 1]] + [f"T:{names[l - 1]}"])
     cfg = ctx.config.ptl.copy_and_resolve_references()
@@ -105,6 +108,7 @@ def test_least_squares_matches_numpy_lstsq():
 
 @pytest.mark.slow
 def test_short_ptl_lowers_every_layer_loss_and_student_is_bn_free(ctx, qat_vars):
+    ctx = dataclasses.replace(ctx, config=ctx.config.copy_and_resolve_references())  # leave the fixture's alone
     names = [s.name for s in ctx.specs(True)]
     cfg = ctx.config.ptl
     cfg.local_init_steps, cfg.stage_steps, cfg.finetune_steps = 5, 15, 5

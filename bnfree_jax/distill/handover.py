@@ -26,7 +26,8 @@ def needs_handover(plan, k: int) -> bool:
 
 
 def _name(stage: Stage) -> str:
-    return next(g for g, lab in stage.labels.items() if g.startswith("S:") and lab == TRAINABLE)[2:]
+    """The layer stage ℓ converts (groups are labelled in layer order)."""
+    return [g for g in stage.labels if g.startswith("S:")][stage.layer - 1][2:]
 
 
 def _path_stats(tandem_net, target_net, l: int, S: dict, T: dict, Tbs: dict, images):

@@ -49,17 +49,20 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
     if ptl_cfg.prefix not in ("slow", "frozen"):
         raise ValueError(f"ptl.prefix must be 'frozen' or 'slow', got {ptl_cfg.prefix!r}")
     downstream = TRAINABLE if ptl_cfg.compensation else FROZEN
-    target = ptl_cfg.get("layer_target", "tandem")
+    target = getattr(ptl_cfg, "layer_target", "tandem")
     if target not in ("tandem", "teacher"):
         raise ValueError(f"ptl.layer_target must be 'tandem' or 'teacher', got {target!r}")
     replaced = FROZEN if target == "tandem" else UNUSED  # T'_ℓ gives S_ℓ its target
+    own = getattr(ptl_cfg, "own_layer_rate", TRAINABLE)
+    if own not in (TRAINABLE, SLOW):
+        raise ValueError(f"ptl.own_layer_rate must be 'trainable' or 'slow', got {own!r}")
     for l in range(1, L + 1):
         labels = {}
         for i in range(L):
             if i < l - 1:
                 labels[s_groups[i]], labels[t_groups[i]] = prefix, UNUSED
             elif i == l - 1:
-                labels[s_groups[i]], labels[t_groups[i]] = TRAINABLE, replaced
+                labels[s_groups[i]], labels[t_groups[i]] = own, replaced
             else:
                 labels[s_groups[i]], labels[t_groups[i]] = UNUSED, downstream
         losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}
