@@ -69,7 +69,9 @@ def run_sweep(config, workdir: Path, log=print) -> list[dict]:
                     rows.append(dict(zip(("method", "w_bits", "a_bits", "requant", "seed"), key(method)),
                                      top1=top1, fakequant_top1=fq, seconds=seconds))
                     done.add(key(method))
-                    path.write_text(json.dumps(rows, indent=1))
+                    tmp = path.with_suffix(".tmp")  # a crash mid-write must not lose the rows
+                    tmp.write_text(json.dumps(rows, indent=1))
+                    tmp.replace(path)
 
                 t0 = time.time()
                 _, qat_vars = run_teacher_phases(ctx, ledger, qat=True)
