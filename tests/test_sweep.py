@@ -31,10 +31,11 @@ def test_every_trained_baseline_gets_the_ptl_budget():
 
 
 def test_results_table_mean_and_std():
-    rows = [dict(method="ptl", w_bits=4, a_bits=4, requant="layer", seed=s, top1=v)
-            for s, v in enumerate([0.98, 0.99, 1.0])]
+    rows = [dict(method="ptl", w_bits=4, a_bits=4, requant="layer", seed=s, top1=v, seconds=t)
+            for s, (v, t) in enumerate([(0.98, 100.0), (0.99, 110.0), (1.0, 150.0)])]
     table = results_table(rows)
     assert "| ptl | layer | 99.00 ± 0.82 (n=3) |" in table
+    assert "| ptl | layer | 120 |" in table  # mean wall seconds
 
 
 @pytest.mark.slow

@@ -94,18 +94,30 @@ def run_sweep(config, workdir: Path, log=print) -> list[dict]:
 
 
 def results_table(rows: list[dict]) -> str:
-    """Markdown: one row per (method, requant), one column per bit width, mean ± std (n)."""
+    """Markdown: one row per (method, requant), one column per bit width, mean ± std (n) of
+    top-1; then the same grid of mean wall seconds (training and export of that method)."""
     bits = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     requants = list(dict.fromkeys(r["requant"] for r in rows))
-    head = "| method | requant | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " |"
-    lines = [head, "|" + "---|" * (2 + len(bits))]
-    for rq in requants:
-        for m in methods:
-            cells = []
-            for w, a in bits:
-                v = [r["top1"] for r in rows if (r["method"], r["requant"], r["w_bits"], r["a_bits"]) == (m, rq, w, a)
-                     and r["top1"] is not None]
-                cells.append(f"{100 * np.mean(v):.2f} ± {100 * np.std(v):.2f} (n={len(v)})" if v else "–")
-            lines.append(f"| {m} | {rq} | " + " | ".join(cells) + " |")
+
+    def grid(title: str, cell) -> list[str]:
+        lines = [f"| {title} | requant | " + " | ".join(f"W{w}A{a}" for w, a in bits) + " |",
+                 "|" + "---|" * (2 + len(bits))]
+        for rq in requants:
+            for m in methods:
+                sel = lambda w, a: [r for r in rows if (r["method"], r["requant"], r["w_bits"], r["a_bits"])
+                                    == (m, rq, w, a)]
+                lines.append(f"| {m} | {rq} | " + " | ".join(cell(sel(w, a)) for w, a in bits) + " |")
+        return lines
+
+    def top1(sel):
+        v = [r["top1"] for r in sel if r["top1"] is not None]
+        return f"{100 * np.mean(v):.2f} ± {100 * np.std(v):.2f} (n={len(v)})" if v else "–"
+
+    def seconds(sel):
+        v = [r["seconds"] for r in sel if r.get("seconds")]
+        return f"{np.mean(v):.0f}" if v else "–"
+
+    timed = any(r.get("seconds") for r in rows)
+    lines = grid("method", top1) + ([""] + grid("wall s", seconds) if timed else [])
     return "\n".join(lines) + "\n"
