@@ -9,10 +9,9 @@ import dataclasses
 from typing import Optional
 
 import jax
-import numpy as np
 
 from bnfree_jax.distill.fold import fold_layer
-from bnfree_jax.distill.least_squares import affine_stats, fit_affine, global_sum, unit_scale
+from bnfree_jax.distill.least_squares import accumulate_stats, affine_stats, fit_affine, unit_scale
 from bnfree_jax.distill.plan import TRAINABLE, UNUSED, Stage
 from bnfree_jax.distill.tandem import tandem_roles, tandem_variables
 
@@ -20,14 +19,9 @@ from bnfree_jax.distill.tandem import tandem_roles, tandem_variables
 def needs_handover(plan, k: int) -> bool:
     """Stage k replaces a T' layer that an earlier stage trained (compensation on)."""
     stage = plan[k]
-    if stage.kind != "tandem" or stage.labels.get(f"T:{_name(stage)}") in (None, UNUSED):
+    if stage.kind != "tandem" or stage.labels.get(f"T:{stage.layer_name}") in (None, UNUSED):
         return False
-    return any(p.labels.get(f"T:{_name(stage)}") == TRAINABLE for p in plan[:k])
-
-
-def _name(stage: Stage) -> str:
-    """The layer stage ℓ converts (groups are labelled in layer order)."""
-    return [g for g in stage.labels if g.startswith("S:")][stage.layer - 1][2:]
+    return any(p.labels.get(f"T:{stage.layer_name}") == TRAINABLE for p in plan[:k])
 
 
 def _path_stats(tandem_net, target_net, l: int, S: dict, T: dict, Tbs: dict, images):
@@ -54,10 +48,7 @@ def hand_over(ctx, stage: Stage, trees, refit: bool, batches, num_batches: int =
     if refit:
         target_net = ctx.network(tandem_roles(L, l - 1))
         stats = jax.jit(lambda S, T, Tbs, x: _path_stats(tandem_net, target_net, l, S, T, Tbs, x))
-        acc = None
-        for _ in range(num_batches):
-            s = stats(S, trees.T, trees.Tbs, np.asarray(next(batches)["image"]))
-            acc = s if acc is None else acc + s
-        alpha, beta, rel = fit_affine(global_sum([acc])[0], tandem_net.per_channel)
+        acc = accumulate_stats(lambda x: stats(S, trees.T, trees.Tbs, x), batches, num_batches)
+        alpha, beta, rel = fit_affine(acc, tandem_net.per_channel)
         S[spec.name] = {**folded, "alpha": alpha, "beta": beta}
     return dataclasses.replace(trees, S=S), rel

@@ -41,13 +41,18 @@ def affine_stats(c, t):
                       (c * c).sum(0), (c * t).sum(0), (t * t).sum(0)])
 
 
-def global_sum(acc: list) -> list:
-    """Statistics summed over every host, so every host fits the same (α, β)."""
+def accumulate_stats(stats_fn, batches, num_batches: int):
+    """Sum `stats_fn(images)` (a pytree of statistics) over batches and over every host, so
+    every host fits the same (α, β); returns numpy leaves."""
+    acc = None
+    for _ in range(num_batches):
+        s = stats_fn(jnp.asarray(next(batches)["image"]))
+        acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
     if jax.process_count() == 1:
-        return [np.asarray(a) for a in acc]
+        return jax.tree.map(np.asarray, acc)
     from jax.experimental import multihost_utils
 
-    return [np.asarray(multihost_utils.process_allgather(np.asarray(a))).sum(0) for a in acc]
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(np.asarray(a))).sum(0), acc)
 
 
 def fit_affine(stats: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray, float]:
@@ -71,11 +76,7 @@ def least_squares_init(student_net, student_params: dict, teacher_net, teacher_v
                        num_batches: int = 4) -> tuple[dict, dict]:
     """Fit α, β of every layer; returns (new params, {layer: relative residual})."""
     stats_fn = jax.jit(lambda p, tv, x: _layer_stats(student_net, p, teacher_net, tv, x))
-    acc = None
-    for _ in range(num_batches):
-        s = stats_fn(student_params, teacher_vars, jnp.asarray(next(batches)["image"]))
-        acc = s if acc is None else [a + b for a, b in zip(acc, s)]
-    acc = global_sum(acc)
+    acc = accumulate_stats(lambda x: stats_fn(student_params, teacher_vars, x), batches, num_batches)
     params, errors = dict(student_params), {}
     for spec, st in zip(student_net.specs, acc):
         alpha, beta, rel = fit_affine(np.asarray(st), student_net.per_channel)

@@ -27,6 +27,11 @@ class Stage:
         """How many leading layers of the tandem network are student layers."""
         return self.layer if self.kind == "tandem" else 0
 
+    @property
+    def layer_name(self) -> str:
+        """The layer a tandem stage converts (groups are labelled in layer order)."""
+        return [g for g in self.labels if g.startswith("S:")][self.layer - 1][2:]
+
     def groups(self, label: str) -> list[str]:
         return [g for g, lab in self.labels.items() if lab == label]
 

@@ -7,6 +7,7 @@ saved, so a rerun skips it; an unfinished stage resumes from its own checkpoints
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from typing import Optional
 
 import jax
@@ -41,13 +42,12 @@ def stage_loss(ctx, stage: Stage, student_net, teacher_net):
     L, l = len(student_net.specs), stage.layer
     prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN for s in student_net.specs[: l - 1])
     return make_tandem_loss(ctx.network(tandem_roles(L, l)), ctx.network(tandem_roles(L, l - 1)), teacher_net,
-                            l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(ctx, stage))
+                            l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(stage))
 
 
-def target_mode(ctx, stage: Stage) -> str:
+def target_mode(stage: Stage) -> str:
     """'tandem' when the plan gave stage ℓ the working copy T'_ℓ as its target, else 'teacher'."""
-    name = ctx.specs(quantized=True)[stage.layer - 1].name
-    return "teacher" if stage.labels.get(f"T:{name}", UNUSED) == UNUSED else "tandem"
+    return "teacher" if stage.labels.get(f"T:{stage.layer_name}", UNUSED) == UNUSED else "tandem"
 
 
 def stage_metrics(ctx, stage: Stage, trees: Trees, student_net, teacher_net, probe) -> dict:
@@ -66,7 +66,7 @@ def _own_layer_error(ctx, stage: Stage, trees: Trees, teacher_net, probe) -> flo
     """Relative MSE of the stage's own layer to its stage target (what the stage minimises)."""
     L, l = len(teacher_net.specs), stage.layer
     return own_layer_error(ctx.network(tandem_roles(L, l)), ctx.network(tandem_roles(L, l - 1)), teacher_net,
-                           l, trees, probe, target_mode(ctx, stage))
+                           l, trees, probe, target_mode(stage))
 
 
 def job_teacher_cache(ctx, teacher_vars) -> Optional[TeacherCache]:
@@ -119,24 +119,23 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
             prev_state = _final_state(ctx, plan[k - 1], k - 1, trees, variant)
         t0 = time.time()
         extra = {}
-        if stage.kind == "local_init" and not (ctx.workdir / "checkpoints" / variant / stage.name).exists():
-            ls_batches = ctx.train_batches(c.ptl.batch, seed_offset=100 + k)
-            S, ls_err = least_squares_init(student_net, trees.S, teacher_net, trees.teacher, ls_batches)
-            ls_batches.close()
+        ckpt_dir = ctx.workdir / "checkpoints" / variant / stage.name
+        fresh = not ckpt_dir.exists()  # a resumed stage restores what these fits would set
+        if stage.kind == "local_init" and fresh:
+            with closing(ctx.train_batches(c.ptl.batch, seed_offset=100 + k)) as ls_batches:
+                S, ls_err = least_squares_init(student_net, trees.S, teacher_net, trees.teacher, ls_batches)
             trees = Trees(S=S, T=trees.T, Tbs=trees.Tbs, teacher=trees.teacher)
             extra["least_squares_rel_residual"] = ls_err
-        if needs_handover(plan, k) and not (ctx.workdir / "checkpoints" / variant / stage.name).exists():
-            ls_batches = ctx.train_batches(c.ptl.batch, seed_offset=200 + k)
-            trees, rel = hand_over(ctx, stage, trees, refit=c.ptl.local_init, batches=ls_batches)
-            ls_batches.close()
+        if needs_handover(plan, k) and fresh:
+            with closing(ctx.train_batches(c.ptl.batch, seed_offset=200 + k)) as ls_batches:
+                trees, rel = hand_over(ctx, stage, trees, refit=c.ptl.local_init, batches=ls_batches)
             if rel is not None:
                 extra["handover_rel_residual"] = rel
         if stage.kind == "tandem":
             extra["layer_mse_start"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
         optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
         trees, prev_state = run_stage(ctx, stage, trees, stage_loss(ctx, stage, student_net, teacher_net),
-                                      optim, ctx.workdir / "checkpoints" / variant / stage.name,
-                                      seed=c.seed + 1000 + k, prev=prev_state, cache=cache)
+                                      optim, ckpt_dir, seed=c.seed + 1000 + k, prev=prev_state, cache=cache)
         metrics = stage_metrics(ctx, stage, trees, student_net, teacher_net, probe)
         if stage.kind == "tandem":
             extra["layer_mse_end"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
