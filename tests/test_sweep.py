@@ -36,6 +36,10 @@ def test_results_table_mean_and_std():
     table = results_table(rows)
     assert "| ptl | layer | 99.00 ± 0.82 (n=3) |" in table
     assert "| ptl | layer | 120 |" in table  # mean wall seconds
+    partial = rows + [dict(method="fold", w_bits=2, a_bits=2, requant="channel", seed=0, top1=0.5, seconds=None)]
+    table = results_table(partial)
+    assert "| fold | channel | – | 50.00 ± 0.00 (n=1) |" in table
+    assert "| ptl | channel |" not in table and "| fold | layer |" not in table  # no rows without results
 
 
 @pytest.mark.slow

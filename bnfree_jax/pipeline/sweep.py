@@ -94,8 +94,8 @@ def run_sweep(config, workdir: Path, log=print) -> list[dict]:
 
 
 def results_table(rows: list[dict]) -> str:
-    """Markdown: one row per (method, requant), one column per bit width, mean ± std (n) of
-    top-1; then the same grid of mean wall seconds (training and export of that method)."""
+    """Markdown: one row per (method, requant) that has results, one column per bit width,
+    mean ± std (n) of top-1; then the same grid of mean wall seconds (training and export)."""
     bits = sorted({(r["w_bits"], r["a_bits"]) for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     requants = list(dict.fromkeys(r["requant"] for r in rows))
@@ -107,6 +107,8 @@ def results_table(rows: list[dict]) -> str:
             for m in methods:
                 sel = lambda w, a: [r for r in rows if (r["method"], r["requant"], r["w_bits"], r["a_bits"])
                                     == (m, rq, w, a)]
+                if not any(sel(w, a) for w, a in bits):
+                    continue  # a partial sweep: no empty rows
                 lines.append(f"| {m} | {rq} | " + " | ".join(cell(sel(w, a)) for w, a in bits) + " |")
         return lines
 
