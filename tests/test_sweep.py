@@ -40,6 +40,7 @@ def test_results_table_mean_and_std():
     table = results_table(partial)
     assert "| fold | channel | – | 50.00 ± 0.00 (n=1) |" in table
     assert "| ptl | channel |" not in table and "| fold | layer |" not in table  # no rows without results
+    assert table.count("| fold | channel |") == 1  # untimed: no row in the wall-seconds grid
 
 
 @pytest.mark.slow

@@ -107,9 +107,9 @@ def results_table(rows: list[dict]) -> str:
             for m in methods:
                 sel = lambda w, a: [r for r in rows if (r["method"], r["requant"], r["w_bits"], r["a_bits"])
                                     == (m, rq, w, a)]
-                if not any(sel(w, a) for w, a in bits):
-                    continue  # a partial sweep: no empty rows
-                lines.append(f"| {m} | {rq} | " + " | ".join(cell(sel(w, a)) for w, a in bits) + " |")
+                cells = [cell(sel(w, a)) for w, a in bits]
+                if any(c != "–" for c in cells):  # a partial sweep or an untimed method: no empty rows
+                    lines.append(f"| {m} | {rq} | " + " | ".join(cells) + " |")
         return lines
 
     def top1(sel):
