@@ -79,7 +79,7 @@ def least_squares_init(student_net, student_params: dict, teacher_net, teacher_v
     acc = accumulate_stats(lambda x: stats_fn(student_params, teacher_vars, x), batches, num_batches)
     params, errors = dict(student_params), {}
     for spec, st in zip(student_net.specs, acc):
-        alpha, beta, rel = fit_affine(np.asarray(st), student_net.per_channel)
+        alpha, beta, rel = fit_affine(st, student_net.per_channel)
         params[spec.name] = {**params[spec.name], "alpha": alpha, "beta": beta}
         errors[spec.name] = rel
     return params, errors

@@ -107,18 +107,18 @@ def results_table(rows: list[dict]) -> str:
             for m in methods:
                 sel = lambda w, a: [r for r in rows if (r["method"], r["requant"], r["w_bits"], r["a_bits"])
                                     == (m, rq, w, a)]
-                cells = [cell(sel(w, a)) for w, a in bits]
-                if any(c != "–" for c in cells):  # a partial sweep or an untimed method: no empty rows
-                    lines.append(f"| {m} | {rq} | " + " | ".join(cells) + " |")
+                cells = [cell(sel(w, a)) for w, a in bits]  # None: nothing measured there
+                if any(c is not None for c in cells):  # a partial sweep or an untimed method: no empty rows
+                    lines.append(f"| {m} | {rq} | " + " | ".join("–" if c is None else c for c in cells) + " |")
         return lines
 
     def top1(sel):
         v = [r["top1"] for r in sel if r["top1"] is not None]
-        return f"{100 * np.mean(v):.2f} ± {100 * np.std(v):.2f} (n={len(v)})" if v else "–"
+        return f"{100 * np.mean(v):.2f} ± {100 * np.std(v):.2f} (n={len(v)})" if v else None
 
     def seconds(sel):
         v = [r["seconds"] for r in sel if r.get("seconds")]
-        return f"{np.mean(v):.0f}" if v else "–"
+        return f"{np.mean(v):.0f}" if v else None
 
     timed = any(r.get("seconds") for r in rows)
     lines = grid("method", top1) + ([""] + grid("wall s", seconds) if timed else [])
