@@ -97,6 +97,16 @@ def test_sigkill_mid_stage_then_rerun_gives_the_same_artifact(finished, tmp_path
 
 
 @pytest.mark.slow
+def test_rerun_of_a_finished_job_does_no_training_work(finished):
+    before = artifact_sha(finished)
+    p = bnfree("distill", "--config", CONFIG, "--workdir", str(finished), *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "teacher cache:" not in p.stderr  # nothing left to train, so no teacher pass
+    assert "resuming" not in p.stderr and "step/s" not in p.stderr
+    assert artifact_sha(finished) == before
+
+
+@pytest.mark.slow
 def test_changed_config_is_refused_naming_the_keys_and_force_starts_over(finished):
     before = artifact_sha(finished)
     p = bnfree("run", "--config", CONFIG, "--workdir", str(finished), *TINY, "ptl.stage_steps=13", "qat.steps=21")

@@ -104,7 +104,8 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
     teacher_net = ctx.network(TEACHER)
     trees = initial_trees(ctx, qat_vars, student_net, init, c.seed)
     probe = _probe_images(ctx)
-    cache = job_teacher_cache(ctx, qat_vars) if any(s.steps for s in plan) else None
+    pending = [s for s in plan if s.steps and not ledger.done(f"{variant}/{s.name}")]
+    cache = job_teacher_cache(ctx, qat_vars) if pending else None  # a finished job needs none
     records, prev_state = [], None
     for k, stage in enumerate(plan):
         key = f"{variant}/{stage.name}"
