@@ -29,7 +29,8 @@ def get_config(arg: str = ""):
     c.seed = 0
     c.data = dict(name="imagenet2012", data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
                   augment="imagenet", image_size=224,
-                  max_train_examples=0, max_test_examples=0, eval_batch=1024)
+                  max_train_examples=0, max_test_examples=0, eval_batch=1024,
+                  holdout=0)  # N > 0: evaluate on the last N training examples, never on validation
     c.model = dict(name="alexnet", num_classes=1000, w_bits=4, a_bits=4,
                    first_last_w_bits=8, requant="layer", act_init=4.0)
     # Teacher: SGD + Nesterov momentum, lr 0.01 per 256 images scaled linearly, ~90 epochs.

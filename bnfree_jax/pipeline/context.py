@@ -102,8 +102,11 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
         data_lib.ensure_dataset(d.name, data_dir=data_dir)
     info = data_lib.dataset_info(d.name, image_size=d.image_size or None)
     mesh = make_mesh()
-    train = data_lib.get_source(d.name, "train", data_dir=data_dir, max_examples=d.max_train_examples or None)
-    test = data_lib.get_source(d.name, "test", data_dir=data_dir, max_examples=d.max_test_examples or None)
+    holdout = d.get("holdout", 0)
+    train, test = data_lib.job_sources(d.name, data_dir, d.max_train_examples, d.max_test_examples, holdout)
+    if holdout:
+        log(f"data.holdout={holdout}: training on {len(train)} examples; every evaluation of this job "
+            f"reads the last {len(test)} training examples, not the test split")
     for phase in ("teacher", "qat", "ptl"):
         check_batch_divisible(config[phase].batch, mesh)
     return Context(config=config, workdir=workdir, info=info, mesh=mesh, train_source=train,
