@@ -114,8 +114,10 @@ def test_holdout_is_mnist_hubs_validation_split_and_leaves_training(mnist_dir, t
 
     root, _ = mnist_dir
     (_, ty), (vx, vy), _ = _reference_pickle()
-    cfg = load_config("configs/mnist_alexnet.py", ["data.holdout=10000", f"data.data_dir='{root}'"])
+    config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mnist_alexnet.py")
+    cfg = load_config(config_file, ["data.holdout=10000", f"data.data_dir='{root}'"])
     ctx = make_context(cfg, tmp_path, log=lambda m: None)
+    assert ctx.eval_split == "train[-10000:]"
     train, held = ctx.train_source, ctx.test_source
     assert (len(train), len(held)) == (50000, 10000)
     for i in (0, 4321, 9999):  # the last 10k training examples are the pickle's validation split

@@ -104,7 +104,7 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
     teacher_net = ctx.network(TEACHER)
     trees = initial_trees(ctx, qat_vars, student_net, init, c.seed)
     probe = _probe_images(ctx)
-    pending = [s for s in plan if s.steps and not ledger.done(f"{variant}/{s.name}")]
+    pending = any(s.steps and not ledger.done(f"{variant}/{s.name}") for s in plan)
     cache = job_teacher_cache(ctx, qat_vars) if pending else None  # a finished job needs none
     records, prev_state = [], None
     for k, stage in enumerate(plan):

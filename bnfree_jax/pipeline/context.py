@@ -66,6 +66,12 @@ class Context:
         raise ValueError(f"mesh.compute_dtype={name!r} must be 'float32' or 'bfloat16'")
 
     @property
+    def eval_split(self) -> str:
+        """What every evaluation of the job reads: the test split, or the held-out tail of train."""
+        n = self.config.data.get("holdout", 0)
+        return f"train[-{n}:]" if n else "test"
+
+    @property
     def metrics_path(self) -> Path:
         return self.workdir / "metrics.jsonl"
 

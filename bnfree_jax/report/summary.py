@@ -27,7 +27,7 @@ def build_summary(ctx, ledger, wall_seconds: float) -> dict:
     tensors = ctx.workdir / "export" / "model.safetensors"
     return {
         "dataset": c.data.name, "model": c.model.name, "requant": c.model.requant,
-        "eval_split": f"train[-{c.data.holdout}:]" if c.data.get("holdout", 0) else "test",
+        "eval_split": ctx.eval_split,
         "bits": {"w": c.model.w_bits, "a": c.model.a_bits, "first_last_w": c.model.first_last_w_bits},
         "teacher_top1": (ledger.get("teacher") or {}).get("top1"),
         "qat_teacher_top1": (ledger.get("qat") or {}).get("top1"),
