@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-int", help="evaluate an exported artifact with the integer interpreter")
     p.add_argument("--artifact", required=True, help="artifact directory (manifest.json + model.safetensors)")
-    p.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    p.add_argument("--split", default="test", help="dataset split to evaluate: test (default), train, or holdout "
+                   "(the last data.holdout training examples of a job run with data.holdout=N)")
     p.add_argument("--data-dir", default="", help="TFDS data dir (default: $TFDS_DATA_DIR or the cache)")
     p.add_argument("--images", default="", help="evaluate your own images instead: a .npy of uint8 [N,H,W,C]")
     p.add_argument("--labels", default="", help="with --images: a .npy of integer labels [N]")

