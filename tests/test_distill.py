@@ -176,3 +176,46 @@ def test_handover_carries_compensation_into_the_student(ctx, qat_vars):
     np.testing.assert_allclose(new.S[n2]["alpha"], sol[0], rtol=1e-3)
     np.testing.assert_allclose(new.S[n2]["beta"], sol[1:], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(rel, res[0] / ((t - t.mean(0)) ** 2).sum(), rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_head_stage_converts_the_last_layers_together(ctx, qat_vars):
+    """ptl.head_layers=2: the last two layers are handed over in order and trained end to
+    end in one stage of twice the steps; the prefix stays frozen; the budget is unchanged."""
+    from bnfree_jax.distill.handover import hand_over_all
+    from bnfree_jax.distill.plan import total_steps
+    from bnfree_jax.pipeline.variables import load_variables
+
+    ctx = dataclasses.replace(ctx, config=ctx.config.copy_and_resolve_references())
+    names = [s.name for s in ctx.specs(True)]  # tiny_cnn: conv1, conv2, fc3
+    cfg = ctx.config.ptl
+    cfg.local_init_steps, cfg.stage_steps, cfg.finetune_steps = 2, 3, 0
+    single = build_stage_plan(cfg, names)
+    cfg.head_layers = 2
+    plan = build_stage_plan(cfg, names)
+    assert [s.name for s in plan] == ["local_init", "stage1_conv1", "stage2_conv2-fc3"]
+    assert total_steps(plan) == total_steps(single) and plan[-1].steps == 6
+    head = plan[-1]
+    assert list(head.converts) == [2, 3] and head.layer_name == "fc3"
+    assert head.groups(TRAINABLE) == ["S:conv2", "S:fc3"]
+    assert sorted(head.groups(FROZEN)) == ["S:conv1", "T:fc3"] and not head.groups(SLOW)
+    for bad in (0, len(names) + 1):
+        wrong = cfg.copy_and_resolve_references()
+        wrong.head_layers = bad
+        with pytest.raises(ValueError, match="head_layers"):
+            build_stage_plan(wrong, names)
+    ledger = Ledger(ctx.workdir)
+    student, records = run_plan(ctx, ledger, qat_vars, plan, variant="head_test")
+    assert set(records[-1]["metrics"]["handover_rel_residual"]) == {"conv2", "fc3"}
+    # redo the stage's hand-overs from the saved stage-1 trees, with the same batches
+    init = initial_trees(ctx, qat_vars, ctx.network(STUDENT), "fold", 0)
+    saved = load_variables(ctx.workdir / "head_test" / "stage1_conv1", {"S": init.S, "T": init.T})
+    trees = dataclasses.replace(init, S=saved["S"], T=saved["T"])
+    batches = ctx.train_batches(cfg.batch, seed_offset=200 + 2)
+    handed, _ = hand_over_all(ctx, head, trees, refit=True, batches=batches)
+    batches.close()
+    leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(saved["S"]["conv1"]), leaves(student["conv1"])))
+    for n in ("conv2", "fc3"):  # both head layers trained after their hand-over
+        assert not np.array_equal(np.asarray(handed.S[n]["kernel"]), np.asarray(student[n]["kernel"])), n
+        assert not np.array_equal(np.asarray(handed.S[n]["kernel"]), np.asarray(init.S[n]["kernel"])), n

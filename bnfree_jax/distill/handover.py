@@ -17,11 +17,23 @@ from bnfree_jax.distill.tandem import tandem_roles, tandem_variables
 
 
 def needs_handover(plan, k: int) -> bool:
-    """Stage k replaces a T' layer that an earlier stage trained (compensation on)."""
+    """Stage k replaces T' layers that an earlier stage trained (compensation on)."""
     stage = plan[k]
     if stage.kind != "tandem" or stage.labels.get(f"T:{stage.layer_name}") in (None, UNUSED):
         return False
     return any(p.labels.get(f"T:{stage.layer_name}") == TRAINABLE for p in plan[:k])
+
+
+def hand_over_all(ctx, stage: Stage, trees, refit: bool, batches):
+    """Hand over every layer the stage converts, in order, each fitted on the output of the
+    student layers before it; returns (trees, {layer: relative residual})."""
+    names = [s.name for s in ctx.specs(quantized=True)]
+    residuals = {}
+    for l in stage.converts:
+        trees, rel = hand_over(ctx, dataclasses.replace(stage, layer=l, first=0), trees, refit, batches)
+        if rel is not None:
+            residuals[names[l - 1]] = rel
+    return trees, residuals
 
 
 def _path_stats(tandem_net, target_net, l: int, S: dict, T: dict, Tbs: dict, images):

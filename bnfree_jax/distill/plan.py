@@ -21,6 +21,7 @@ class Stage:
     labels: dict  # group -> TRAINABLE | SLOW | FROZEN | UNUSED
     steps: int
     losses: dict  # loss name -> weight
+    first: int = 0  # a tandem stage converts layers first..layer (0: layer alone)
 
     @property
     def num_student_layers(self) -> int:
@@ -31,6 +32,11 @@ class Stage:
     def layer_name(self) -> str:
         """The layer a tandem stage converts (groups are labelled in layer order)."""
         return [g for g in self.labels if g.startswith("S:")][self.layer - 1][2:]
+
+    @property
+    def converts(self) -> range:
+        """The layers (1-based) this tandem stage turns from T' into student layers."""
+        return range(self.first or self.layer, self.layer + 1) if self.kind == "tandem" else range(0)
 
     def groups(self, label: str) -> list[str]:
         return [g for g, lab in self.labels.items() if lab == label]
@@ -61,7 +67,11 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
     own = getattr(ptl_cfg, "own_layer_rate", TRAINABLE)
     if own not in (TRAINABLE, SLOW):
         raise ValueError(f"ptl.own_layer_rate must be 'trainable' or 'slow', got {own!r}")
-    for l in range(1, L + 1):
+    head = int(getattr(ptl_cfg, "head_layers", 1))
+    if not 1 <= head <= L:
+        raise ValueError(f"ptl.head_layers must be in 1..{L} (this network's layers), got {head}")
+    losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}
+    for l in range(1, L + 1 if head == 1 else L - head + 1):
         labels = {}
         for i in range(L):
             if i < l - 1:
@@ -70,8 +80,14 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
                 labels[s_groups[i]], labels[t_groups[i]] = own, replaced
             else:
                 labels[s_groups[i]], labels[t_groups[i]] = UNUSED, downstream
-        losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}
         plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses))
+    if head > 1:  # the last `head` layers converted together, trained end to end, same budget
+        first = L - head + 1
+        labels = {s_groups[i]: prefix for i in range(first - 1)} | {t_groups[i]: UNUSED for i in range(L - 1)}
+        labels |= {s_groups[i]: TRAINABLE for i in range(first - 1, L)} | {t_groups[L - 1]: replaced}
+        labels = {g: labels[g] for pair in zip(s_groups, t_groups) for g in pair}  # layer order
+        name = f"stage{first}_{layer_names[first - 1]}-{layer_names[-1]}"
+        plan.append(Stage(name, "tandem", L, labels, head * ptl_cfg.stage_steps, losses, first=first))
     if ptl_cfg.finetune_steps > 0:
         labels = {g: TRAINABLE for g in s_groups} | {g: UNUSED for g in t_groups}
         plan.append(Stage("finetune", "finetune", 0, labels, ptl_cfg.finetune_steps,

@@ -16,7 +16,7 @@ import numpy as np
 
 from bnfree_jax.distill.fold import fold_student
 from bnfree_jax.distill.least_squares import least_squares_init
-from bnfree_jax.distill.handover import hand_over, needs_handover
+from bnfree_jax.distill.handover import hand_over_all, needs_handover
 from bnfree_jax.distill.plan import FROZEN, UNUSED, Stage, build_stage_plan
 from bnfree_jax.distill.stage_runner import Trees, run_stage, stage_state
 from bnfree_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
@@ -129,9 +129,9 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
             extra["least_squares_rel_residual"] = ls_err
         if needs_handover(plan, k) and fresh:
             with closing(ctx.train_batches(c.ptl.batch, seed_offset=200 + k)) as ls_batches:
-                trees, rel = hand_over(ctx, stage, trees, refit=c.ptl.local_init, batches=ls_batches)
-            if rel is not None:
-                extra["handover_rel_residual"] = rel
+                trees, rel = hand_over_all(ctx, stage, trees, refit=c.ptl.local_init, batches=ls_batches)
+            if rel:  # one layer: its residual; a head stage: one per layer
+                extra["handover_rel_residual"] = rel.popitem()[1] if len(rel) == 1 else rel
         if stage.kind == "tandem":
             extra["layer_mse_start"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
         optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
