@@ -83,9 +83,10 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
         plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses))
     if head > 1:  # the last `head` layers converted together, trained end to end, same budget
         first = L - head + 1
-        labels = {s_groups[i]: prefix for i in range(first - 1)} | {t_groups[i]: UNUSED for i in range(L - 1)}
-        labels |= {s_groups[i]: TRAINABLE for i in range(first - 1, L)} | {t_groups[L - 1]: replaced}
-        labels = {g: labels[g] for pair in zip(s_groups, t_groups) for g in pair}  # layer order
+        labels = {}
+        for i in range(L):
+            labels[s_groups[i]] = prefix if i < first - 1 else TRAINABLE
+            labels[t_groups[i]] = replaced if i == L - 1 else UNUSED
         name = f"stage{first}_{layer_names[first - 1]}-{layer_names[-1]}"
         plan.append(Stage(name, "tandem", L, labels, head * ptl_cfg.stage_steps, losses, first=first))
     if ptl_cfg.finetune_steps > 0:
