@@ -77,14 +77,20 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from bnfree_jax.pipeline.errors import one_line_errors
 
-    with one_line_errors() as outcome:
+    try:
+        with one_line_errors() as outcome:
+            if args.distributed:
+                from bnfree_jax.distributed import initialize
+                initialize()
+            outcome.code = dispatch(args)
+            if args.distributed:  # meet the other processes here, before interpreter teardown
+                import jax
+                jax.distributed.shutdown()
+    except SystemExit as stop:
         if args.distributed:
-            from bnfree_jax.distributed import initialize
-            initialize()
-        outcome.code = dispatch(args)
-        if args.distributed:  # meet the other processes here, before interpreter teardown
-            import jax
-            jax.distributed.shutdown()
+            from bnfree_jax.distributed import leave_now
+            leave_now(stop.code)
+        raise
     return outcome.code
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_PORT = 12355
 LOCAL_TIMEOUT_S = 120  # generous: CI machines are small and may be loaded
@@ -147,3 +149,40 @@ def initialize(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         jax.config.update("jax_cpu_collectives_implementation", plan["cpu_collectives"])
     jax.distributed.initialize(**plan["kwargs"])
     return _describe(plan, already=False)
+
+
+def primary_first(fn: Callable[[], T], barrier: str) -> T:
+    """``fn()`` on process 0, then on the others once process 0 is done with it.
+
+    For work on a shared filesystem that must not race (writing the pinned config,
+    building the dataset): the others then only read what process 0 left complete.
+    The barrier is met even when process 0 raises, so no peer is left waiting.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    try:
+        if jax.process_index() == 0:
+            return fn()
+    finally:
+        multihost_utils.sync_global_devices(barrier)
+    return fn()
+
+
+def leave_now(code: int) -> None:
+    """End a failed process of a multi-process job at once, with its own exit status.
+
+    At interpreter exit JAX waits at a shutdown barrier for peers that are still running
+    (or blocked in a collective with this process), and may give up with an abort
+    (status 134): the real status is lost and the job hangs meanwhile.  A launcher or
+    scheduler seeing this exit stops the peers.
+    """
+    import jax
+
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)

