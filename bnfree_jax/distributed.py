@@ -172,7 +172,7 @@ def primary_first(fn: Callable[[], T], barrier: str) -> T:
     return fn()
 
 
-def leave_now(code: int) -> None:
+def leave_now(code: int | str | None) -> None:
     """End a failed process of a multi-process job at once, with its own exit status.
 
     At interpreter exit JAX waits at a shutdown barrier for peers that are still running
@@ -185,4 +185,4 @@ def leave_now(code: int) -> None:
     if jax.distributed.is_initialized() and jax.process_count() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 1)
+        os._exit(0 if code is None else code if isinstance(code, int) else 1)  # SystemExit's rules
