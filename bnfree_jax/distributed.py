@@ -151,7 +151,17 @@ def initialize(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     return _describe(plan, already=False)
 
 
-def primary_first(fn: Callable[[], T], barrier: str) -> T:
+def barrier(name: str) -> None:
+    """Every process waits here for all the others (nothing to wait for when alone)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def primary_first(fn: Callable[[], T], barrier_name: str) -> T:
     """``fn()`` on process 0, then on the others once process 0 is done with it.
 
     For work on a shared filesystem that must not race (writing the pinned config,
@@ -162,13 +172,11 @@ def primary_first(fn: Callable[[], T], barrier: str) -> T:
 
     if jax.process_count() == 1:
         return fn()
-    from jax.experimental import multihost_utils
-
     try:
         if jax.process_index() == 0:
             return fn()
     finally:
-        multihost_utils.sync_global_devices(barrier)
+        barrier(barrier_name)
     return fn()
 
 

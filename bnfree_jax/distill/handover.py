@@ -27,12 +27,12 @@ def needs_handover(plan, k: int) -> bool:
 def hand_over_all(ctx, stage: Stage, trees, refit: bool, batches):
     """Hand over every layer the stage converts, in order, each fitted on the output of the
     student layers before it; returns (trees, {layer: relative residual})."""
-    names = [s.name for s in ctx.specs(quantized=True)]
     residuals = {}
     for l in stage.converts:
-        trees, rel = hand_over(ctx, dataclasses.replace(stage, layer=l, first=0), trees, refit, batches)
+        one = dataclasses.replace(stage, layer=l, first=0)
+        trees, rel = hand_over(ctx, one, trees, refit, batches)
         if rel is not None:
-            residuals[names[l - 1]] = rel
+            residuals[one.layer_name] = rel
     return trees, residuals
 
 

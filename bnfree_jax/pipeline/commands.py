@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bnfree_jax.config_io import ConfigError, load_config
+from bnfree_jax.distributed import barrier
 from bnfree_jax.pipeline.job import pin_config
 from bnfree_jax.pipeline.phases import Ledger
 
@@ -123,17 +124,8 @@ def run(config, workdir: Path, args) -> int:
         from bnfree_jax.report.table import print_summary
 
         print_summary(summary)
-    _barrier("bnfree_run_done")
+    barrier("bnfree_run_done")
     return 0
-
-
-def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def sweep(config, workdir: Path, args) -> int:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from bnfree_jax.distributed import barrier
 from bnfree_jax.train.mesh import replicated
 
 _PRNG_KEY = "__prng_impls__"
@@ -175,9 +176,7 @@ class Checkpointer:
                         n += 1
                         dst = f"{src}.corrupt{n}"
                     os.rename(src, dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("bnfree_checkpoint_quarantine")
+        barrier("bnfree_checkpoint_quarantine")
         self._mgr.reload()
 
     def wait(self) -> None:
