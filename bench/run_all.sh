@@ -1,22 +1,56 @@
 #!/usr/bin/env bash
 # Run every benchmark and print, last, one JSON line with the headline ratios.
-# Project steps run in the project's Python (PY, default /work/venv/bin/python or python3);
-# the PyTorch/brevitas peer runs in bench/.benchenv, created by setup_env.sh when missing.
+# From a fresh clone it sets up what it needs first:
+#   * the project venv (VENV, default <repo>/.venv; made by launch/setup.sh when it cannot
+#     import jax), plus requirements-test.txt (onnx, onnxruntime) for int_inference.py;
+#     PY=/path/to/python uses that interpreter instead (still given the test extras);
+#   * the PyTorch/brevitas peer env bench/.benchenv (bench/setup_env.sh).
+# A setup step that fails stops the run with one line saying what to run by hand.
+# BENCH_DRY_RUN=1 prints the setup and benchmark commands instead of running them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
-py="${PY:-/work/venv/bin/python}"
-[ -x "$py" ] || py=python3
+dry="${BENCH_DRY_RUN:-0}"
+
+die() { echo "run_all.sh: $*" >&2; exit 1; }
+can_import() { command -v "$1" >/dev/null && "$1" -c "import $2" >/dev/null 2>&1; }  # python modules
+step() {  # run a command, or print it under BENCH_DRY_RUN=1
+  if [ "$dry" = 1 ]; then printf '+ %s\n' "$*"; else "$@"; fi
+}
+
+if [ -n "${PY:-}" ]; then
+  py="$PY"
+  can_import "$py" "jax, flax, ml_collections" \
+    || die "PY=$py cannot import jax/flax: unset PY to use the project venv, or run: bash launch/setup.sh"
+else
+  venv="${VENV:-$root/.venv}"
+  py="$venv/bin/python"
+  if ! can_import "$py" "jax, flax, ml_collections"; then
+    step bash "$root/launch/setup.sh" "$venv" \
+      || die "could not set up the project venv; run: bash launch/setup.sh $venv (and see its error)"
+  fi
+fi
+if ! can_import "$py" "onnx, onnxruntime"; then
+  step "$py" -m pip install -q -r "$root/requirements-test.txt" \
+    || die "could not install onnx/onnxruntime; run: $py -m pip install -r requirements-test.txt"
+fi
 bench_py="$here/.benchenv/bin/python"
-[ -x "$bench_py" ] || bash "$here/setup_env.sh"
+if ! can_import "$bench_py" "torch, brevitas"; then
+  step bash "$here/setup_env.sh" \
+    || die "no PyTorch/brevitas env in bench/.benchenv; run: TORCH_WHEEL=/path/to/torch-2.13.0+cpu-*.whl bash bench/setup_env.sh"
+fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-echo "uptime before: $(uptime)" >&2
+[ "$dry" = 1 ] || echo "uptime before: $(uptime)" >&2
 run() {  # name python script [args]: keep the script's last line (its JSON)
   local name="$1"; shift
+  if [ "$dry" = 1 ]; then printf '+ %s\n' "$*"; return; fi
   echo "== $name" >&2
-  "$@" 2> "$out/$name.err" | tee "$out/$name.log" >&2
+  if ! "$@" 2> "$out/$name.err" | tee "$out/$name.log" >&2; then
+    tail -n 20 "$out/$name.err" >&2
+    die "$name failed (the end of its stderr is above)"
+  fi
   tail -n 1 "$out/$name.log" > "$out/$name.json"
 }
 run train_step "$py" "$here/train_step.py"
@@ -24,6 +58,7 @@ run train_step_torch "$bench_py" "$here/train_step_torch.py"
 run int_inference "$py" "$here/int_inference.py"
 run binary_layer "$py" "$here/binary_layer.py"
 run size "$py" "$here/size.py"
+[ "$dry" = 1 ] && exit 0
 echo "uptime after: $(uptime)" >&2
 "$py" - "$out" <<'PY'
 import datetime, json, os, sys

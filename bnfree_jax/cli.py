@@ -7,9 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
-
-
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/mnist_alexnet.py",
                    help="ml_collections config file, optionally with an argument: FILE.py[:ARG]")
@@ -62,14 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args) -> int:
-    from bnfree_jax.config_io import load_config
     from bnfree_jax.pipeline import commands
 
     if args.command == "eval-int":
         return commands.eval_int(args)
     if args.command == "export":
         return commands.export(Path(args.workdir), onnx=args.onnx)
-    config = load_config(args.config, args.overrides)
+    config = commands.load_config(args.config, args.overrides)
     return getattr(commands, args.command.replace("-", "_"))(config, Path(args.workdir), args)
 
 
@@ -80,7 +76,7 @@ def main(argv=None) -> int:
     try:
         with one_line_errors() as outcome:
             if args.distributed:
-                from bnfree_jax.distributed import initialize
+                from bnfree_jax.pipeline.multihost import initialize
                 initialize()
             outcome.code = dispatch(args)
             if args.distributed:  # meet the other processes here, before interpreter teardown
@@ -88,7 +84,7 @@ def main(argv=None) -> int:
                 jax.distributed.shutdown()
     except SystemExit as stop:
         if args.distributed:
-            from bnfree_jax.distributed import leave_now
+            from bnfree_jax.pipeline.multihost import leave_now
             leave_now(stop.code)
         raise
     return outcome.code

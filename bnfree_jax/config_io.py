@@ -1,5 +1,6 @@
 """Load ml_collections config files (`path.py[:arg]`), apply `key=value` overrides, and
-compare a job's config with the one its workdir was started with."""
+compare a job's config with the one its workdir was started with. (Values are checked by
+`pipeline.validate`: `load_valid_config` is what the command line calls.)"""
 
 from __future__ import annotations
 
@@ -16,26 +17,70 @@ class ConfigError(ValueError):
     """A bad config file, key or value (reported as one line)."""
 
 
+# Keys older configs carried that nothing reads: a workdir pinned with them still resumes.
+RETIRED = ("export.logit_bits", "distributed.")
+
+
+def is_retired(key: str) -> bool:
+    """True for a flattened key of `RETIRED` (an entry ending in '.' retires a whole section)."""
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RETIRED)
+
+
+def _first_line(exc: BaseException, named: bool = True) -> str:
+    """The exception as one line: 'Type: first line of its message' (or the message alone)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    if not named and line:
+        return line
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of `path.py[:arg]` with `key=value` overrides applied (its values are
+    checked by `pipeline.validate.validate_config`, which every command calls first).
+
+    Whatever goes wrong in the user's file (it raises, defines no get_config, returns
+    no ConfigDict) ends as one ConfigError line naming the file."""
     path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise ConfigError(f"config file not found: {path}")
-    mod_spec = importlib.util.spec_from_file_location("bnfree_user_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config()")
-    try:
-        config = module.get_config(arg) if arg else module.get_config()
-    except ValueError as e:
-        raise ConfigError(f"{path}:{arg}: {e}") from None
+    config = _call_get_config(path, arg)
     for item in overrides:
         apply_override(config, item)
     return config
 
 
+def _call_get_config(path: str, arg: str) -> ml_collections.ConfigDict:
+    """Import the file and call its get_config(arg), turning every failure into a ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    mod_spec = importlib.util.spec_from_file_location("bnfree_user_config", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ConfigError(f"{path} is not a Python config file (FILE.py[:ARG])")
+    try:
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is one line
+        raise ConfigError(f"{path} cannot be loaded: {_first_line(e)}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"{path} defines no get_config()")
+    where = f"{path}:{arg}" if arg else path
+    try:
+        config = get_config(arg) if arg else get_config()
+    except ValueError as e:  # the file's own refusal (e.g. an unknown argument): its message as is
+        raise ConfigError(f"{where}: {_first_line(e, named=False)}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{where}: get_config() failed: {_first_line(e)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{where}: get_config() returned {type(config).__name__}, "
+                          "not an ml_collections.ConfigDict")
+    if isinstance(config, ml_collections.FrozenConfigDict):  # overrides need a mutable one
+        config = ml_collections.ConfigDict(config)
+    return config
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
-    """`a.b.c=value` with value a Python literal (or a bare string); unknown keys refused."""
+    """`a.b.c=value` with value a Python literal (or a bare string); unknown keys, whole
+    sections (`model=3`) and values of another type than the key's are refused."""
     key, sep, raw = item.partition("=")
     if not sep:
         raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -47,6 +92,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         node = node[p]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         raise ConfigError(f"unknown config key {key!r}")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"override {item!r}: {key!r} is a section, not a value; "
+                          f"override one of its keys ({key}.KEY=VALUE)")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -59,10 +107,11 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     node[leaf] = value
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d, prefix: str = "") -> dict:
+    """{'a.b.c': leaf} of a nested dict or ConfigDict."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, (dict, ml_collections.ConfigDict)):
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -70,8 +119,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose value differs between two configs (retired keys do not count)."""
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return sorted(k for k in a.keys() | b.keys()
+                  if not is_retired(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -54,10 +54,8 @@ def get_config(arg: str = ""):
         optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),
         finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),
     )
-    c.export = dict(logit_bits=16)
     c.checkpoint = dict(save_every=2000, keep=3)
     c.mesh = dict(compute_dtype="bfloat16")
-    c.distributed = dict(coordinator="", num_processes=0, process_id=-1, local_device_ids="")
 
     for a in args:
         if a.startswith("w") and "a" in a:

@@ -44,10 +44,8 @@ def get_config(arg: str = ""):
         optim=_optim(lr=1e-3),
         finetune_optim=_optim(lr=2e-4),
     )
-    c.export = dict(logit_bits=16)
     c.checkpoint = dict(save_every=200, keep=3)
     c.mesh = dict(compute_dtype="float32")
-    c.distributed = dict(coordinator="", num_processes=0, process_id=-1, local_device_ids="")
 
     for a in args:
         if a.startswith("w") and "a" in a and a != "quick":

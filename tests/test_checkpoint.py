@@ -15,9 +15,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _multidevice_step import TinyNet, init_model, make_loss_fn, synthetic_batch  # noqa: E402
 
+from bnfree_jax.train.phase import resume  # noqa: E402
+from bnfree_jax.train.runtime import Runtime  # noqa: E402
 from bnfree_jax.train import (Checkpointer, NonFiniteLoss, Preempted, abstract_like,  # noqa: E402
                               create_train_state, make_mesh, make_train_step, preemption_guard,
-                              put_replicated, restore_or_init, run_loop)
+                              put_replicated, run_loop)
 
 TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.01, weight_decay=1e-3))
 FROZEN = {"temp": jnp.float32(1.0)}
@@ -152,7 +154,7 @@ def test_resume_is_bitwise_exact(tmp_path, mesh):
     it = Batches()
     ck = Checkpointer(tmp_path / "ck", save_every=k, keep=2)
     state, step = fresh(mesh)
-    state, extra = restore_or_init(ck, state, it, mesh)
+    state, extra, _ = resume(ck, state, Runtime(mesh), "stage_a", it)
     assert int(state.step) == k and it.index == k and extra["stage"] == "a"
     metrics = tmp_path / "m.jsonl"
     resumed = run_loop(step_fn=step, state=state, frozen=FROZEN, batches=it, data_iterator=it,

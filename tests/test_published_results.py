@@ -1,24 +1,30 @@
-"""The README's results table is the rendering of the committed sweep rows, so one cannot
-be edited without the other."""
+"""docs/results.md's results table is the rendering of the committed sweep rows, so one
+cannot be edited without the other; the readings quote the table's own mean ± std; and
+the table and the accuracy-vs-bits plot quote one spread, the sample std."""
 
 import json
+import re
 from pathlib import Path
 
-from bnfree_jax.pipeline.sweep import results_table
+import pytest
+
+from bnfree_jax.report.results_table import mean_std, results_table
+from bnfree_jax.report.sources import sweep_series
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_MD = ROOT / "docs" / "results.md"
+MEAN_STD = re.compile(r"(\d+\.\d\d) ±\s+(\d+\.\d\d)")
 
 
 def _published_rows() -> list[dict]:
     return json.loads((ROOT / "docs" / "results" / "mnist_sweep.json").read_text())
 
 
-def test_readme_table_is_rendered_from_committed_rows():
+def test_results_md_table_is_rendered_from_committed_rows():
     rows = _published_rows()
     assert rows, "no published rows"
     assert {"method", "w_bits", "a_bits", "requant", "seed", "top1"} <= set(rows[0])
-    table = results_table(rows)
-    assert table.strip() in (ROOT / "README.md").read_text()
+    assert results_table(rows).strip() in RESULTS_MD.read_text()
 
 
 def test_published_rows_are_unique_and_in_range():
@@ -26,3 +32,32 @@ def test_published_rows_are_unique_and_in_range():
     keys = [(r["method"], r["w_bits"], r["a_bits"], r["requant"], r["seed"]) for r in rows]
     assert len(keys) == len(set(keys)), "a (method, bits, requant, seed) row appears twice"
     assert all(0.0 < r["top1"] <= 1.0 for r in rows)
+
+
+def test_readings_quote_the_tables_mean_and_std():
+    """Every 'mean ± std' in the text is a table cell, or one of the head_layers=3 figures
+    computed (with the same helper) from the per-seed values quoted in docs/ptl.md."""
+    cells = set(MEAN_STD.findall(results_table(_published_rows())))
+    head3 = {tuple(f"{x:.2f}" for x in mean_std(v)) for v in ([98.70, 98.57, 98.88], [99.35, 99.23, 99.29])}
+    quoted = MEAN_STD.findall(RESULTS_MD.read_text())
+    assert len(quoted) > len(cells)  # the readings quote some
+    assert [q for q in quoted if q not in cells | head3] == []
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std = mean_std([0.98, 0.99, 1.0])
+    assert mean == pytest.approx(0.99) and std == pytest.approx(0.01)  # n − 1 divisor (population: 0.0082)
+    assert mean_std([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="no values"):
+        mean_std([])
+
+
+def test_table_and_plot_series_quote_the_same_std():
+    rows = [r for r in _published_rows() if r["requant"] == "layer"]  # one requant: plain method labels
+    header, _, *lines = results_table(rows).split("\n\n")[0].splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    cells = {(c[0].strip(), columns[i]): c[i].strip()
+             for c in (l.strip("|").split("|") for l in lines) for i in range(2, len(columns))}
+    for method, points in sweep_series(rows).items():
+        for w, a, mean, std, n in points:
+            assert cells[(method, f"W{w}A{a}")] == f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})"

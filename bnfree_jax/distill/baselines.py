@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 
 from bnfree_jax.distill.plan import TRAINABLE, UNUSED, Stage, build_stage_plan, total_steps
+from bnfree_jax.distill.ptl import initial_trees, run_plan
 
 BASELINES = ("fold", "fold_qat", "scratch", "no_local", "no_comp")
 
@@ -42,14 +43,12 @@ def baseline_plan(name: str, ptl_cfg, names) -> tuple[list[Stage], str]:
     raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
 
 
-def run_baseline(ctx, ledger, qat_vars, name: str):
-    """Train (or just fold) a baseline student; returns its params."""
-    from bnfree_jax.distill.ptl import initial_trees, run_plan
-    from bnfree_jax.nn.network import STUDENT
-
-    names = [s.name for s in ctx.specs(quantized=True)]
-    plan, init = baseline_plan(name, ctx.config.ptl, names)
+def run_baseline(env, qat_vars, name: str, *, records, out_dir, ckpt_dir, cache=lambda: None):
+    """Train (or just fold) a baseline student; returns its params. Its stages are
+    recorded as `baselines/<name>/<stage>`, saved in `out_dir`, checkpointed in `ckpt_dir`."""
+    plan, init = baseline_plan(name, env.ptl, env.nets.layer_names)
     if not plan:
-        return initial_trees(ctx, qat_vars, ctx.network(STUDENT), init, ctx.config.seed).S
-    student, _ = run_plan(ctx, ledger, qat_vars, plan, variant=f"baselines/{name}", init=init)
+        return initial_trees(env, qat_vars, init).S
+    student, _ = run_plan(env, qat_vars, plan, records=records, out_dir=out_dir, ckpt_dir=ckpt_dir,
+                          variant=f"baselines/{name}", init=init, cache=cache)
     return student

@@ -24,13 +24,13 @@ def needs_handover(plan, k: int) -> bool:
     return any(p.labels.get(f"T:{stage.layer_name}") == TRAINABLE for p in plan[:k])
 
 
-def hand_over_all(ctx, stage: Stage, trees, refit: bool, batches):
+def hand_over_all(nets, stage: Stage, trees, refit: bool, batches):
     """Hand over every layer the stage converts, in order, each fitted on the output of the
     student layers before it; returns (trees, {layer: relative residual})."""
     residuals = {}
     for l in stage.converts:
         one = dataclasses.replace(stage, layer=l, first=0)
-        trees, rel = hand_over(ctx, one, trees, refit, batches)
+        trees, rel = hand_over(nets, one, trees, refit, batches)
         if rel is not None:
             residuals[one.layer_name] = rel
     return trees, residuals
@@ -47,18 +47,19 @@ def _path_stats(tandem_net, target_net, l: int, S: dict, T: dict, Tbs: dict, ima
     return affine_stats(trace[0][1], target[0][1])
 
 
-def hand_over(ctx, stage: Stage, trees, refit: bool, batches, num_batches: int = 4):
-    """(trees with S_ℓ folded from T'_ℓ, relative residual of the α/β fit or None)."""
-    L = len(ctx.specs(quantized=True))
+def hand_over(nets, stage: Stage, trees, refit: bool, batches, num_batches: int = 4):
+    """(trees with S_ℓ folded from T'_ℓ, relative residual of the α/β fit or None);
+    `nets` is the job's `NetFactory`."""
+    L = len(nets.layer_names)
     l = stage.layer
-    tandem_net = ctx.network(tandem_roles(L, l))
+    tandem_net = nets.network(tandem_roles(L, l))
     spec = tandem_net.specs[l - 1]
     folded = fold_layer(spec, trees.T[spec.name], trees.Tbs.get(spec.name),
                         tandem_net.inv_std if l == 1 else None, tandem_net.per_channel)
     S = {**trees.S, spec.name: folded}
     rel: Optional[float] = None
     if refit:
-        target_net = ctx.network(tandem_roles(L, l - 1))
+        target_net = nets.network(tandem_roles(L, l - 1))
         stats = jax.jit(lambda S, T, Tbs, x: _path_stats(tandem_net, target_net, l, S, T, Tbs, x))
         acc = accumulate_stats(lambda x: stats(S, trees.T, trees.Tbs, x), batches, num_batches)
         alpha, beta, rel = fit_affine(acc, tandem_net.per_channel)

@@ -24,11 +24,6 @@ class Stage:
     first: int = 0  # a tandem stage converts layers first..layer (0: layer alone)
 
     @property
-    def num_student_layers(self) -> int:
-        """How many leading layers of the tandem network are student layers."""
-        return self.layer if self.kind == "tandem" else 0
-
-    @property
     def layer_name(self) -> str:
         """The layer a tandem stage converts (groups are labelled in layer order)."""
         return [g for g in self.labels if g.startswith("S:")][self.layer - 1][2:]
@@ -60,14 +55,14 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
     if ptl_cfg.prefix not in ("slow", "frozen"):
         raise ValueError(f"ptl.prefix must be 'frozen' or 'slow', got {ptl_cfg.prefix!r}")
     downstream = TRAINABLE if ptl_cfg.compensation else FROZEN
-    target = getattr(ptl_cfg, "layer_target", "tandem")
+    target = ptl_cfg.layer_target
     if target not in ("tandem", "teacher"):
         raise ValueError(f"ptl.layer_target must be 'tandem' or 'teacher', got {target!r}")
     replaced = FROZEN if target == "tandem" else UNUSED  # T'_ℓ gives S_ℓ its target
-    own = getattr(ptl_cfg, "own_layer_rate", TRAINABLE)
+    own = ptl_cfg.own_layer_rate
     if own not in (TRAINABLE, SLOW):
         raise ValueError(f"ptl.own_layer_rate must be 'trainable' or 'slow', got {own!r}")
-    head = int(getattr(ptl_cfg, "head_layers", 1))
+    head = int(ptl_cfg.head_layers)
     if not 1 <= head <= L:
         raise ValueError(f"ptl.head_layers must be in 1..{L} (this network's layers), got {head}")
     losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}

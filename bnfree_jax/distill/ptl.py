@@ -1,48 +1,49 @@
 """Progressive tandem learning end to end: fold → local init → stages ℓ = 1..L → fine-tune.
 
-Every finished stage is recorded in the job's ledger with its metrics, and its trees are
-saved, so a rerun skips it; an unfinished stage resumes from its own checkpoints.
+Every finished stage is recorded (the job's ledger, passed in as `records`) with its
+metrics, and its trees are saved in `out_dir/<stage>`, so a rerun skips it; an
+unfinished stage resumes from its own checkpoints in `ckpt_dir/<stage>`.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import closing
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bnfree_jax.distill.fold import fold_student
-from bnfree_jax.distill.least_squares import least_squares_init
 from bnfree_jax.distill.handover import hand_over_all, needs_handover
+from bnfree_jax.distill.least_squares import least_squares_init
 from bnfree_jax.distill.plan import FROZEN, UNUSED, Stage, build_stage_plan
 from bnfree_jax.distill.stage_runner import Trees, run_stage, stage_state
-from bnfree_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_local_init_loss,
                                        make_tandem_loss, own_layer_error, tandem_roles, tandem_variables)
+from bnfree_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from bnfree_jax.nn.network import STUDENT, TEACHER
-from bnfree_jax.pipeline.evaluate import evaluate_top1
-from bnfree_jax.pipeline.variables import load_variables, save_variables
+from bnfree_jax.train.checkpoint import Checkpointer
+from bnfree_jax.train.evaluate import evaluate_top1
+from bnfree_jax.train.phase import resume
+from bnfree_jax.train.streams import stream_key, stream_seed
+from bnfree_jax.train.variables import load_variables, save_variables
+
+PROBE_IMAGES = 256  # evaluation images for the per-layer error records
 
 
-def _probe_images(ctx, n: int = 256) -> jnp.ndarray:
-    """A fixed batch of test images for per-layer error reports."""
-    src = ctx.test_source
-    return jnp.asarray(np.stack([src[i]["image"] for i in range(min(n, len(src)))]))
-
-
-def stage_loss(ctx, stage: Stage, student_net, teacher_net):
-    p = ctx.config.ptl
+def stage_loss(env, stage: Stage, student_net, teacher_net):
+    p = env.ptl
     if stage.kind == "local_init":
         return make_local_init_loss(student_net, teacher_net)
     if stage.kind == "finetune":
         return make_finetune_loss(student_net, teacher_net, stage.losses, p.kd_temperature)
     L, l = len(student_net.specs), stage.layer
     prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN for s in student_net.specs[: l - 1])
-    return make_tandem_loss(ctx.network(tandem_roles(L, l)), ctx.network(tandem_roles(L, l - 1)), teacher_net,
-                            l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(stage))
+    return make_tandem_loss(env.nets.network(tandem_roles(L, l)), env.nets.network(tandem_roles(L, l - 1)),
+                            teacher_net, l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(stage))
 
 
 def target_mode(stage: Stage) -> str:
@@ -50,119 +51,147 @@ def target_mode(stage: Stage) -> str:
     return "teacher" if stage.labels.get(f"T:{stage.layer_name}", UNUSED) == UNUSED else "tandem"
 
 
-def stage_metrics(ctx, stage: Stage, trees: Trees, student_net, teacher_net, probe) -> dict:
+def stage_metrics(env, stage: Stage, trees: Trees, teacher_net, probe) -> dict:
     """Tandem top-1 after the stage and the relative MSE of every converted layer."""
-    L = len(student_net.specs)
+    L = len(env.nets.layer_names)
     l = stage.layer if stage.kind == "tandem" else L
-    net = ctx.network(tandem_roles(L, l))
+    net = env.nets.network(tandem_roles(L, l))
     variables = tandem_variables(net.specs, l, trees.S, trees.T, trees.Tbs)
     errors = layer_errors(net, teacher_net, l, variables, trees.teacher, probe)
     apply_fn = lambda p, ms, fr, x: net.apply({"params": p, "batch_stats": ms}, x, train=False)
-    top1 = evaluate_top1(ctx, apply_fn, variables["params"], variables["batch_stats"], {})
+    top1 = evaluate_top1(apply_fn, variables["params"], variables["batch_stats"], {}, env.feed, env.rt.mesh)
     return {"tandem_top1": top1, "layer_mse": errors}
 
 
-def _own_layer_error(ctx, stage: Stage, trees: Trees, teacher_net, probe) -> float:
+def _own_layer_error(env, stage: Stage, trees: Trees, teacher_net, probe) -> float:
     """Relative MSE of the stage's own layer to its stage target (what the stage minimises)."""
-    L, l = len(teacher_net.specs), stage.layer
-    return own_layer_error(ctx.network(tandem_roles(L, l)), ctx.network(tandem_roles(L, l - 1)), teacher_net,
-                           l, trees, probe, target_mode(stage))
+    L, l = len(env.nets.layer_names), stage.layer
+    return own_layer_error(env.nets.network(tandem_roles(L, l)), env.nets.network(tandem_roles(L, l - 1)),
+                           teacher_net, l, trees, probe, target_mode(stage))
 
 
-def job_teacher_cache(ctx, teacher_vars) -> Optional[TeacherCache]:
-    """The job's teacher cache, built on first use and shared by PTL and the baselines;
-    None when training inputs are augmented or `ptl.cache_teacher` is off."""
-    p = ctx.config.ptl
-    if not p.cache_teacher or ctx.config.data.augment != "none":
+def plan_teacher_cache(env, teacher_vars) -> Optional[TeacherCache]:
+    """The teacher cache of a plan; None when training inputs are augmented or
+    `ptl.cache_teacher` is off."""
+    p = env.ptl
+    if not p.cache_teacher or env.feed.augment != "none":
         return None
-    if "teacher_cache" not in ctx.memo:
-        t0 = time.time()
-        budget = p.target_cache_mb if p.layer_target == "teacher" else 0  # "tandem" targets come from T'
-        cache = build_teacher_cache(ctx.network(TEACHER), teacher_vars, ctx.train_source,
-                                    budget_mb=budget, image_size=ctx.config.data.image_size or None)
-        names = [s.name for s in ctx.specs(quantized=True)]
-        ctx.log(f"teacher cache: logits and targets of {', '.join(names[l - 1] for l in cache.targets) or 'no layer'} "
-                f"for {len(cache.ids)} examples, {cache.nbytes / 2 ** 20:.0f} MiB in {time.time() - t0:.1f} s")
-        ctx.memo["teacher_cache"] = cache
-    return ctx.memo["teacher_cache"]
+    t0 = time.time()
+    budget = p.target_cache_mb if p.layer_target == "teacher" else 0  # "tandem" targets come from T'
+    cache = build_teacher_cache(env.nets.network(TEACHER), teacher_vars, env.feed.train_source,
+                                budget_mb=budget, image_size=env.feed.image_size)
+    names = env.nets.layer_names
+    env.log(f"teacher cache: logits and targets of {', '.join(names[l - 1] for l in cache.targets) or 'no layer'} "
+            f"for {len(cache.ids)} examples, {cache.nbytes / 2 ** 20:.0f} MiB in {time.time() - t0:.1f} s")
+    return cache
 
 
-def initial_trees(ctx, qat_vars, student_net, init: str, seed: int) -> Trees:
+def initial_trees(env, qat_vars, init: str) -> Trees:
+    student_net = env.nets.network(STUDENT)
     if init == "fold":
         S = fold_student(student_net, qat_vars)
     elif init == "scratch":
-        S = jax.device_get(student_net.init(jax.random.PRNGKey(seed), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))["params"])
+        x = jnp.zeros((1, *env.nets.image_shape), jnp.uint8)
+        S = jax.device_get(student_net.init(stream_key(env.seed, "student/init"), x)["params"])
     else:
         raise ValueError(f"unknown student init {init!r}")
     return Trees(S=S, T=dict(qat_vars["params"]), Tbs=dict(qat_vars["batch_stats"]), teacher=qat_vars)
 
 
-def run_plan(ctx, ledger, qat_vars, plan, variant: str = "ptl", init: str = "fold") -> tuple[dict, list]:
-    """Run a stage plan; returns (student params, per-stage records)."""
-    c = ctx.config
-    student_net = ctx.network(STUDENT)
-    teacher_net = ctx.network(TEACHER)
-    trees = initial_trees(ctx, qat_vars, student_net, init, c.seed)
-    probe = _probe_images(ctx)
-    pending = any(s.steps and not ledger.done(f"{variant}/{s.name}") for s in plan)
-    cache = job_teacher_cache(ctx, qat_vars) if pending else None  # a finished job needs none
-    records, prev_state = [], None
+def _stage_fit(env, plan, k: int, student_net, teacher_net, probe) -> Callable:
+    """The closed-form start of a fresh stage k: least squares (local init), the hand-over
+    of T'_ℓ to S_ℓ (compensation on), and the own-layer error it starts from."""
+    stage = plan[k]
+
+    def fit(trees: Trees):
+        record = {}
+        batches = lambda: env.feed.train_batches(env.ptl.batch, stream_seed(env.seed, f"stage/{stage.name}/fit"),
+                                                 env.rt.mesh)
+        if stage.kind == "local_init":
+            with closing(batches()) as ls_batches:
+                S, ls_err = least_squares_init(student_net, trees.S, teacher_net, trees.teacher, ls_batches)
+            trees = Trees(S=S, T=trees.T, Tbs=trees.Tbs, teacher=trees.teacher)
+            record["least_squares_rel_residual"] = ls_err
+        if needs_handover(plan, k):
+            with closing(batches()) as ls_batches:
+                trees, rel = hand_over_all(env.nets, stage, trees, refit=env.ptl.local_init, batches=ls_batches)
+            if rel:  # {layer: relative residual}, one entry per layer the stage converts
+                record["handover_rel_residual"] = rel
+        if stage.kind == "tandem":
+            record["layer_mse_start"] = _own_layer_error(env, stage, trees, teacher_net, probe)
+        return trees, record
+
+    return fit
+
+
+def _optim(env, stage: Stage):
+    return env.ptl.finetune_optim if stage.kind == "finetune" else env.ptl.optim
+
+
+def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, variant: str = "ptl",
+             init: str = "fold", cache: Callable[[], Optional[TeacherCache]] = lambda: None) -> tuple[dict, list]:
+    """Run a stage plan; returns (student params, per-stage records). `records` is the
+    job's ledger (done/get/mark_done), keyed `<variant>/<stage>`; `cache()` gives the
+    teacher cache, asked for only when a stage still has to train."""
+    student_net, teacher_net = env.nets.network(STUDENT), env.nets.network(TEACHER)
+    trees = initial_trees(env, qat_vars, init)
+    probe = env.feed.eval_arrays(PROBE_IMAGES)[0]
+    pending = any(s.steps and not records.done(f"{variant}/{s.name}") for s in plan)
+    teacher_cache = cache() if pending else None  # a finished job needs none
+    out, prev_state = [], None
     for k, stage in enumerate(plan):
         key = f"{variant}/{stage.name}"
-        out = ctx.workdir / variant / stage.name
-        if ledger.done(key):
-            saved = load_variables(out, {"S": trees.S, "T": trees.T})
+        saved_dir = Path(out_dir) / stage.name
+        if records.done(key):
+            saved = load_variables(saved_dir, {"S": trees.S, "T": trees.T})
             trees = Trees(S=saved["S"], T=saved["T"], Tbs=trees.Tbs, teacher=trees.teacher)
-            records.append(ledger.get(key))
+            out.append(records.get(key))
             prev_state = None
             continue
         if prev_state is None and k > 0 and plan[k - 1].steps > 0:
-            prev_state = _final_state(ctx, plan[k - 1], k - 1, trees, variant)
+            prev_state = _final_state(env, plan[k - 1], trees, Path(ckpt_dir) / plan[k - 1].name)
         t0 = time.time()
-        extra = {}
-        ckpt_dir = ctx.workdir / "checkpoints" / variant / stage.name
-        fresh = not ckpt_dir.exists()  # a resumed stage restores what these fits would set
-        if stage.kind == "local_init" and fresh:
-            with closing(ctx.train_batches(c.ptl.batch, seed_offset=100 + k)) as ls_batches:
-                S, ls_err = least_squares_init(student_net, trees.S, teacher_net, trees.teacher, ls_batches)
-            trees = Trees(S=S, T=trees.T, Tbs=trees.Tbs, teacher=trees.teacher)
-            extra["least_squares_rel_residual"] = ls_err
-        if needs_handover(plan, k) and fresh:
-            with closing(ctx.train_batches(c.ptl.batch, seed_offset=200 + k)) as ls_batches:
-                trees, rel = hand_over_all(ctx, stage, trees, refit=c.ptl.local_init, batches=ls_batches)
-            if rel:  # {layer: relative residual}, one entry per layer the stage converts
-                extra["handover_rel_residual"] = rel
+        trees, prev_state, extra = run_stage(
+            env, stage, trees, stage_loss(env, stage, student_net, teacher_net), _optim(env, stage),
+            Path(ckpt_dir) / stage.name, prev=prev_state, cache=teacher_cache,
+            fit=_stage_fit(env, plan, k, student_net, teacher_net, probe))
+        metrics = stage_metrics(env, stage, trees, teacher_net, probe)
         if stage.kind == "tandem":
-            extra["layer_mse_start"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
-        optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
-        trees, prev_state = run_stage(ctx, stage, trees, stage_loss(ctx, stage, student_net, teacher_net),
-                                      optim, ckpt_dir, seed=c.seed + 1000 + k, prev=prev_state, cache=cache)
-        metrics = stage_metrics(ctx, stage, trees, student_net, teacher_net, probe)
-        if stage.kind == "tandem":
-            extra["layer_mse_end"] = _own_layer_error(ctx, stage, trees, teacher_net, probe)
+            extra["layer_mse_end"] = _own_layer_error(env, stage, trees, teacher_net, probe)
         rec = {"order": k, "variant": variant, "name": stage.name, "kind": stage.kind, "steps": stage.steps,
                "seconds": round(time.time() - t0, 2), "metrics": {**metrics, **extra}}
-        save_variables(out, {"S": trees.S, "T": trees.T})
-        ledger.mark_done(key, **rec)
-        ctx.log(f"[{variant}] {stage.name}: tandem top-1 {metrics['tandem_top1']:.4f}")
-        records.append(rec)
-    return trees.S, records
+        save_variables(saved_dir, {"S": trees.S, "T": trees.T})
+        records.mark_done(key, **rec)
+        env.log(f"[{variant}] {stage.name}: tandem top-1 {metrics['tandem_top1']:.4f}")
+        out.append(rec)
+    return trees.S, out
 
 
-def _final_state(ctx, stage: Stage, k: int, trees: Trees, variant: str):
+def _final_state(env, stage: Stage, trees: Trees, stage_ckpt_dir: Path):
     """The finished previous stage's train state from its last checkpoint, so a resumed job
     carries the same optimizer moments into the next stage as an uninterrupted one."""
-    from bnfree_jax.train.checkpoint import Checkpointer, abstract_like
-
-    c = ctx.config
-    optim = c.ptl.finetune_optim if stage.kind == "finetune" else c.ptl.optim
-    state, _, _ = stage_state(stage, trees, optim, c.seed + 1000 + k)
-    ckpt = Checkpointer(ctx.workdir / "checkpoints" / variant / stage.name, save_every=1, keep=1, log=ctx.log)
-    restored = ckpt.restore_latest(abstract_like(state, ctx.mesh))
-    ckpt.close()
-    return None if restored is None else restored[0]
+    like, _, _ = stage_state(stage, trees, _optim(env, stage), env.seed)
+    ckpt = Checkpointer(stage_ckpt_dir, save_every=1, keep=1, log=env.log)
+    try:
+        found = resume(ckpt, like, env.rt, stage.name)
+    finally:
+        ckpt.close()
+    return None if found is None else found[0]
 
 
-def run_ptl(ctx, ledger, qat_vars) -> tuple[dict, list]:
-    names = [s.name for s in ctx.specs(quantized=True)]
-    return run_plan(ctx, ledger, qat_vars, build_stage_plan(ctx.config.ptl, names), "ptl")
+def ptl_plan(env) -> list[Stage]:
+    return build_stage_plan(env.ptl, env.nets.layer_names)
+
+
+def final_student(nets, ptl_cfg, out_dir: Path) -> Optional[dict]:
+    """The student after the last stage of the plan saved under `out_dir` (params only),
+    or None when that stage has not finished."""
+    last = build_stage_plan(ptl_cfg, nets.layer_names)[-1].name
+    path = Path(out_dir) / last
+    if not path.exists():
+        return None
+    x = jnp.zeros((1, *nets.image_shape), jnp.uint8)
+    shapes = lambda net: jax.eval_shape(net.init, jax.random.key(0), x)["params"]
+    zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+    like = {"S": zeros(shapes(nets.network(STUDENT))), "T": zeros(shapes(nets.network(TEACHER)))}
+    return load_variables(path, like)["S"]

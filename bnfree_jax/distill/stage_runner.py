@@ -4,15 +4,16 @@ moment carry-over, checkpoints inside the stage, resume in the stage at its step
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 
 from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE, UNUSED, Stage
 from bnfree_jax.distill.teacher_cache import CachedBatches, TeacherCache
-from bnfree_jax.pipeline.phase_runner import train_phase
 from bnfree_jax.train.optim import carry_moments, make_staged_optimizer
+from bnfree_jax.train.phase import train_phase
 from bnfree_jax.train.state import create_train_state
+from bnfree_jax.train.streams import stream_key, stream_seed
 
 
 @dataclasses.dataclass
@@ -48,20 +49,42 @@ def merge_back(trees: Trees, params: dict) -> Trees:
 
 
 def stage_state(stage: Stage, trees: Trees, optim_cfg, seed: int):
+    """(fresh train state, frozen tree, optimizer) of a stage. The one place that builds a
+    stage's state: a resumed job restores the previous stage's final state into exactly
+    this structure, and its step rng is the stage's own stream of the job's root seed."""
     params, frozen, labels = split(stage, trees)
     tx = make_staged_optimizer(optim_cfg, max(stage.steps, 1), labels)
-    return create_train_state(params, tx, rng=seed), frozen, tx
+    return create_train_state(params, tx, rng=stream_key(seed, f"stage/{stage.name}/step")), frozen, tx
 
 
-def run_stage(ctx, stage: Stage, trees: Trees, loss_fn, optim_cfg, ckpt_dir, *, seed: int,
-              prev: Optional[Any] = None, cache: Optional[TeacherCache] = None) -> tuple[Trees, Any]:
-    """Train one stage to its budget (resuming inside it if a checkpoint exists); with a
-    teacher cache, its batches carry the teacher's logits and this stage's layer target."""
-    state, frozen, tx = stage_state(stage, trees, optim_cfg, seed)
-    if prev is not None:
-        state = state.replace(opt_state=carry_moments(prev.opt_state, prev.params, state.opt_state, state.params))
-    batches = ctx.train_batches(ctx.config.ptl.batch, seed_offset=seed)
+def stage_batches(env, stage: Stage, cache: Optional[TeacherCache] = None):
+    """The stage's training batches (its own data stream); with a teacher cache they carry
+    the teacher's logits and this stage's layer target."""
+    batches = env.feed.train_batches(env.ptl.batch, stream_seed(env.seed, f"stage/{stage.name}/data"),
+                                     env.rt.mesh)
     if cache is not None and stage.kind in ("tandem", "finetune"):
         batches = CachedBatches(batches, cache, layer=stage.layer)
-    state = train_phase(ctx, stage.name, ckpt_dir, state, frozen, loss_fn, tx, batches, stage.steps)
-    return merge_back(trees, state.params), state
+    return batches
+
+
+def run_stage(env, stage: Stage, trees: Trees, loss_fn, optim_cfg, ckpt_dir, *,
+              prev: Optional[Any] = None, cache: Optional[TeacherCache] = None,
+              fit: Optional[Callable[[Trees], tuple[Trees, dict]]] = None) -> tuple[Trees, Any, dict]:
+    """Train one stage to its budget; returns (trees, final state, the stage's record).
+
+    A fresh stage first runs `fit(trees) -> (trees, record)` (least squares, hand-over)
+    and carries the previous stage's moments in; that starting point is checkpointed at
+    step 0, so a resumed stage restores it instead of fitting again."""
+    like, frozen, tx = stage_state(stage, trees, optim_cfg, env.seed)
+
+    def start():
+        fitted, record = fit(trees) if fit is not None else (trees, {})
+        state, _, _ = stage_state(stage, fitted, optim_cfg, env.seed)
+        if prev is not None:
+            state = state.replace(opt_state=carry_moments(prev.opt_state, prev.params, state.opt_state,
+                                                          state.params))
+        return state, record
+
+    state, record = train_phase(stage.name, ckpt_dir, like, frozen, loss_fn, tx, stage_batches(env, stage, cache),
+                                stage.steps, env.rt, start=start)
+    return merge_back(trees, state.params), state, record

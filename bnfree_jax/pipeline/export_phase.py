@@ -1,46 +1,38 @@
-"""Export the distilled student, then verify the artifact with the independent interpreter:
-bit-exact int-sim agreement, fake-quant agreement, zero float ops, no BN, bounds."""
+"""The job's export phase: integerise the distilled student, write the artifact, then
+verify it with the independent interpreter (bit-exact int-sim agreement, fake-quant
+agreement, zero float ops, no BN, bounds). A rerun re-checks what it would skip: an
+artifact whose files changed since export is exported again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bnfree_jax.distill.plan import build_stage_plan
-from bnfree_jax.export.artifact import write_artifact
+from bnfree_jax.config_io import to_dict
+from bnfree_jax.distill.ptl import final_student
+from bnfree_jax.export.artifact import MANIFEST_FILE, TENSORS_FILE, write_artifact
 from bnfree_jax.export.int_sim import int_sim_batched
 from bnfree_jax.export.integerize import integerize
 from bnfree_jax.nn.network import STUDENT
-from bnfree_jax.pipeline.context import config_json
-from bnfree_jax.pipeline.variables import load_variables
+from bnfree_jax.train.evaluate import batched_outputs
 
 
-def load_split(source) -> tuple[np.ndarray, np.ndarray]:
-    ids = list(range(len(source)))
-    recs = source.__getitems__(ids) if hasattr(source, "__getitems__") else [source[i] for i in ids]
-    return (np.stack([r["image"] for r in recs]).astype(np.uint8),
-            np.asarray([r["label"] for r in recs], np.int32))
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def final_student(ctx, variant: str = "ptl") -> dict:
-    names = [s.name for s in ctx.specs(quantized=True)]
-    last = build_stage_plan(ctx.config.ptl, names)[-1].name
-    x = jnp.zeros((1, *ctx.info.image_shape), jnp.uint8)
-    shapes = lambda net: jax.eval_shape(net.init, jax.random.PRNGKey(0), x)["params"]
-    zeros = lambda tree: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
-    like, qat_like = zeros(shapes(ctx.network(STUDENT))), zeros(shapes(ctx.network("teacher")))
-    return load_variables(ctx.workdir / variant / last, {"S": like, "T": qat_like})["S"]
-
-
-def fake_quant_logits(net, params, images, batch: int = 1000) -> np.ndarray:
-    fn = jax.jit(lambda p, x: net.apply({"params": p}, x))
-    return np.concatenate([np.asarray(fn(params, jnp.asarray(images[i:i + batch])))
-                           for i in range(0, len(images), batch)])
+def artifact_hashes(out_dir: Path) -> dict:
+    """sha256 of the artifact's two files (None for a missing one)."""
+    return {name: file_sha256(out_dir / name) if (out_dir / name).exists() else None
+            for name in (TENSORS_FILE, MANIFEST_FILE)}
 
 
 def count_bn_ops(manifest: dict) -> int:
@@ -52,6 +44,19 @@ def count_bn_ops(manifest: dict) -> int:
     return sum(1 for t in ops + names if any(t == w or t.startswith(w + "_") or w in t.split(".") for w in words))
 
 
+def _still_exported(ctx, ledger, key: str, out_dir: Path) -> bool:
+    """The ledger's export is done and its files are byte for byte the ones it verified."""
+    if not ledger.done(key):
+        return False
+    recorded = ledger.get(key).get("sha256")
+    now = artifact_hashes(out_dir)
+    if recorded and now == recorded:
+        return True
+    changed = [n for n in now if not recorded or now[n] != recorded.get(n)]
+    ctx.log(f"[export] {out_dir}: {', '.join(changed)} changed or missing since it was verified; exporting again")
+    return False
+
+
 def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: str = "export") -> dict:
     """Write the artifact (default WORKDIR/export) and its verification; returns the manifest.
 
@@ -59,19 +64,22 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
     from bnfree_jax import intsim
 
     out_dir = Path(out_dir or ctx.workdir / "export")
-    if ledger.done(key) and (out_dir / "manifest.json").exists():
-        return json.loads((out_dir / "manifest.json").read_text())
+    if _still_exported(ctx, ledger, key, out_dir):
+        return json.loads((out_dir / MANIFEST_FILE).read_text())
     t0 = time.time()
-    specs = ctx.specs(quantized=True)
-    params = params if params is not None else final_student(ctx)
-    net = ctx.network(STUDENT)
+    specs = ctx.nets.specs(quantized=True)
+    if params is None:
+        params = final_student(ctx.nets, ctx.config.ptl, ctx.workdir / "ptl")
+        if params is None:
+            raise ValueError(f"{ctx.workdir}: distillation has not finished; run `bnfree distill` first")
+    net = ctx.nets.network(STUDENT)
     layers, input_spec = integerize(specs, params, ctx.info.mean, ctx.info.std, ctx.info.image_shape,
-                                    net.per_channel)
-    images, labels = load_split(ctx.test_source)
-    fq = fake_quant_logits(net, params, images)
+                                    ctx.nets.per_channel)
+    images, labels = ctx.feed.eval_arrays()
+    fq = batched_outputs(lambda p, x: net.apply({"params": p}, x), params, images)
     sim = int_sim_batched(layers, input_spec, images)
-    manifest = write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config_json(ctx.config),
-                              metrics={})
+    config = to_dict(ctx.config)
+    manifest = write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics={})
     art = intsim.load_artifact(out_dir)
     logits, acc_max = intsim.run_int_with_stats(art, images, batch_size=1000)  # one interpreter pass
     logits = np.asarray(logits)
@@ -88,9 +96,9 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
         "max_abs_acc": {layer.name: int(v) for layer, v in zip(art.layers, np.asarray(acc_max))},
         "min_accumulator_headroom_bits": min(b["headroom_bits"] for b in intsim.overflow_bounds(art)),
     }
-    manifest = write_artifact(out_dir, layers=layers, input_spec=input_spec,
-                              config=config_json(ctx.config), metrics=metrics)
-    ledger.mark_done(key, seconds=round(time.time() - t0, 2), **metrics)
+    write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics=metrics)
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    ledger.mark_done(key, seconds=round(time.time() - t0, 2), sha256=artifact_hashes(out_dir), **metrics)
     ctx.log(f"[export] int top-1 {metrics['student_int_top1']:.4f}  fake-quant {metrics['student_fakequant_top1']:.4f}  "
             f"agreement {metrics['int_argmax_agreement']:.4f}  bit-exact {metrics['int_sim_bit_exact']}  "
             f"float ops {metrics['interpreter_float_ops']}")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 from bnfree_jax.config_io import ConfigError, changed_keys, to_dict
+from bnfree_jax.pipeline.jsonfile import read_json, write_json
 
 GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "report", "phases.json",
              "metrics.jsonl", "config.json")
@@ -20,7 +19,7 @@ def pin_config(config, workdir: Path, force: bool = False) -> None:
     none reads a file process 0 is still writing."""
     import jax
 
-    from bnfree_jax.distributed import primary_first
+    from bnfree_jax.train.distributed import primary_first
 
     workdir = Path(workdir)
     primary_first(lambda: _pin(config, workdir, force, primary=jax.process_index() == 0),
@@ -35,7 +34,7 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
     path = workdir / "config.json"
     new = to_dict(config)
     if path.exists() and (not force or not primary):
-        old = json.loads(path.read_text())
+        old = read_json(path, "it is this workdir's pinned config: restore it, or use --force to start over")
         diff = changed_keys(old, new)
         if diff:
             raise ConfigError(f"workdir {workdir} was started with a different config "
@@ -50,9 +49,7 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    tmp = path.with_suffix(".tmp")  # a crash mid-write never leaves a truncated config
-    try:
-        tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+    try:  # atomic: a crash mid-write never leaves a truncated config
+        write_json(path, new, indent=1, sort_keys=True)
     except OSError as e:
         raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from bnfree_jax.report import plots
-from bnfree_jax.report.probe import collect_layer_stats
-from bnfree_jax.report.sources import read_manifest, read_metrics, read_sweep, sweep_series
+from bnfree_jax.report.layer_stats import load_layer_stats
+from bnfree_jax.report.readers import read_manifest, read_metrics, read_sweep, sweep_series
 
 NA = "n/a"
 
@@ -122,20 +122,19 @@ def _try(name: str, fn: Callable[[], Optional[Path]], status: dict, log) -> None
         log(f"[report] {name}.png: {status[name]}")
 
 
-def make_plots(ctx, summary: dict, out_dir: Path, n_probe: int = 512) -> tuple[dict, object, list]:
-    """Draw every figure; returns ({name: Path | why absent}, layer stats or None, manifest layers).
-
-    A figure not drawn this time has its stale PNG from an earlier report removed.
-    """
-    log = getattr(ctx, "log", print)
+def make_plots(workdir: Path, summary: dict, out_dir: Path, log=print) -> tuple[dict, object, list]:
+    """Draw every figure from the job's files; returns ({name: Path | why absent}, layer
+    stats or None, manifest layers). A figure not drawn this time has its stale PNG from an
+    earlier report removed."""
+    workdir = Path(workdir)
     status: dict = {}
-    per_channel = ctx.config.model.requant == "channel"
-    manifest_layers = read_manifest(ctx.workdir).get("layers") or []
+    per_channel = summary.get("requant") == "channel"
+    manifest_layers = read_manifest(workdir).get("layers") or []
     stats = None
     try:
-        stats = collect_layer_stats(ctx, n_probe=n_probe)
+        stats = load_layer_stats(out_dir)
     except Exception as e:
-        log(f"[report] layer statistics unavailable: {type(e).__name__}: {e}")
+        log(f"[report] layer statistics unreadable: {type(e).__name__}: {e}")
     no_student = "no final student in this job" if stats is None else None
     _try("scales", lambda: plots.plot_scales(stats, out_dir / "scales.png", per_channel), status, log)
     _try("clipping_headroom", lambda: plots.plot_clipping_headroom(stats, manifest_layers,
@@ -143,15 +142,15 @@ def make_plots(ctx, summary: dict, out_dir: Path, n_probe: int = 512) -> tuple[d
     _try("histograms", lambda: plots.plot_histograms(stats, out_dir / "histograms.png"), status, log)
     _try("layer_loss", lambda: plots.plot_layer_loss(summary.get("stages") or [], out_dir / "layer_loss.png"),
          status, log)
-    _try("training", lambda: plots.plot_training(read_metrics(ctx.workdir / "metrics.jsonl"),
+    _try("training", lambda: plots.plot_training(read_metrics(workdir / "metrics.jsonl"),
                                                  out_dir / "training.png"), status, log)
-    _try("accuracy_vs_bits", lambda: plots.plot_accuracy_vs_bits(sweep_series(read_sweep(ctx.workdir)),
+    _try("accuracy_vs_bits", lambda: plots.plot_accuracy_vs_bits(sweep_series(read_sweep(workdir)),
                                                                  out_dir / "accuracy_vs_bits.png"), status, log)
     for k in ("scales", "histograms"):
         if no_student and not isinstance(status[k], Path):
             status[k] = no_student
     if "accuracy_vs_bits" in status and not isinstance(status["accuracy_vs_bits"], Path) \
-            and not (ctx.workdir / "sweep" / "results.json").exists():
+            and not (workdir / "sweep" / "results.json").exists():
         status["accuracy_vs_bits"] = "no sweep was run (DIR/sweep/results.json absent)"
     for name, st in status.items():
         if not isinstance(st, Path):
@@ -190,11 +189,11 @@ def render(summary: dict, status: dict, stats=None, manifest_layers=()) -> str:
     return "\n".join(parts)
 
 
-def write_markdown(ctx, summary: dict, out_dir) -> Path:
-    """Write out_dir/report.md and its PNGs; returns the path of report.md."""
+def write_markdown(workdir, summary: dict, out_dir, log=print) -> Path:
+    """Write out_dir/report.md and its PNGs from the job's files; returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    status, stats, manifest_layers = make_plots(ctx, summary, out_dir)
+    status, stats, manifest_layers = make_plots(workdir, summary, out_dir, log)
     path = out_dir / "report.md"
     path.write_text(render(summary, status, stats, manifest_layers))
     return path

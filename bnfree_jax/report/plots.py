@@ -16,7 +16,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bnfree_jax.nn.zoo import FLOAT_BITS
 
 DPI = 110
 NA_COLOR = "0.55"
@@ -36,8 +35,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def layer_label(spec) -> str:
-    w = "f" if spec.w_bits >= FLOAT_BITS else str(spec.w_bits)
-    a = "logits" if spec.last else ("f" if spec.a_bits >= FLOAT_BITS else str(spec.a_bits))
+    w = "f" if spec.w_bits is None else str(spec.w_bits)
+    a = "logits" if spec.last else ("f" if spec.a_bits is None else str(spec.a_bits))
     return f"{spec.name}\nW{w} A{a}" if not spec.last else f"{spec.name}\nW{w} {a}"
 
 

@@ -1,4 +1,5 @@
-"""DIR/report/summary.json and report.md: the job's results in one place, from the ledger."""
+"""DIR/report/summary.json: the job's results in one place, read from its files (the
+pinned config.json, the ledger phases.json, the artifact) — the report runs nothing."""
 
 from __future__ import annotations
 
@@ -6,29 +7,37 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
+# Ledger entries that are whole phases of a job, in the order they run.
+PHASES = ("teacher", "qat", "student", "export", "report")
 
 
-def _float_param_bytes(ctx) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    net = ctx.network("teacher", quantized=False)
-    v = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *ctx.info.image_shape), jnp.uint8))
-    return int(sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(v["params"])))
+def eval_split(config: dict) -> str:
+    """What every evaluation of the job read: the test split, or the held-out tail of train."""
+    n = (config.get("data") or {}).get("holdout", 0)
+    return f"train[-{n}:]" if n else "test"
 
 
-def build_summary(ctx, ledger, wall_seconds: float) -> dict:
-    c = ctx.config
+def phase_seconds(ledger: dict) -> dict:
+    """Wall seconds of every finished phase and PTL stage (of the run that finished it)."""
+    out = {k: ledger[k].get("seconds") for k in PHASES if k in ledger}
+    stages = sorted((r for k, r in ledger.items() if k.startswith("ptl/")), key=lambda r: r.get("order", 0))
+    out.update({f"ptl/{r['name']}": r.get("seconds") for r in stages})
+    return out
+
+
+def build_summary(workdir, *, wall_seconds: float, float_params_bytes: int) -> dict:
+    workdir = Path(workdir)
+    c = json.loads((workdir / "config.json").read_text())
+    ledger = json.loads((workdir / "phases.json").read_text()) if (workdir / "phases.json").exists() else {}
+    m = c["model"]
     ex = ledger.get("export") or {}
     stages = [{"name": r["name"], "steps": r["steps"], "seconds": r["seconds"], "metrics": r["metrics"]}
-              for k, r in sorted(ledger.data.items(), key=lambda kv: kv[1].get("order", 0))
-              if k.startswith("ptl/")]
-    tensors = ctx.workdir / "export" / "model.safetensors"
+              for k, r in sorted(ledger.items(), key=lambda kv: kv[1].get("order", 0)) if k.startswith("ptl/")]
+    tensors = workdir / "export" / "model.safetensors"
     return {
-        "dataset": c.data.name, "model": c.model.name, "requant": c.model.requant,
-        "eval_split": ctx.eval_split,
-        "bits": {"w": c.model.w_bits, "a": c.model.a_bits, "first_last_w": c.model.first_last_w_bits},
+        "dataset": c["data"]["name"], "model": m["name"], "requant": m["requant"],
+        "eval_split": eval_split(c),
+        "bits": {"w": m["w_bits"], "a": m["a_bits"], "first_last_w": m["first_last_w_bits"]},
         "teacher_top1": (ledger.get("teacher") or {}).get("top1"),
         "qat_teacher_top1": (ledger.get("qat") or {}).get("top1"),
         "student_fakequant_top1": ex.get("student_fakequant_top1"),
@@ -38,20 +47,10 @@ def build_summary(ctx, ledger, wall_seconds: float) -> dict:
         "interpreter_float_ops": int(ex.get("interpreter_float_ops", -1)),
         "bn_ops_in_artifact": int(ex.get("bn_ops_in_artifact", -1)),
         "artifact_bytes": tensors.stat().st_size if tensors.exists() else None,
-        "float_params_bytes": _float_param_bytes(ctx),
+        "float_params_bytes": int(float_params_bytes),
         "min_accumulator_headroom_bits": ex.get("min_accumulator_headroom_bits"),
         "wall_seconds": round(float(wall_seconds), 1),
+        "phase_seconds": phase_seconds(ledger),
         "stages": stages,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-
-
-def write_report(ctx, ledger, wall_seconds: float) -> dict:
-    out = ctx.workdir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(ctx, ledger, wall_seconds)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    from bnfree_jax.report.markdown import write_markdown
-
-    write_markdown(ctx, summary, out)
-    return summary

@@ -6,7 +6,7 @@ name, anything else).  Typed PRNG keys are stored as their raw ``key_data``
 with the key implementation recorded in ``extra``, so they round-trip exactly.
 
 Restoring walks the steps newest first and falls back to an older step when a
-newer one is unreadable (orbax's OCDBT store checksums its data, so a garbled
+newer one is unreadable (and to no checkpoint at all when none is readable) (orbax's OCDBT store checksums its data, so a garbled
 or missing file fails loudly); the unreadable step directories are renamed
 ``<step>.corrupt`` so later saves of that step do not collide, and the ``log``
 callback says what happened.  All processes call every method: orbax writes
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from bnfree_jax.distributed import barrier
+from bnfree_jax.train.distributed import barrier
 from bnfree_jax.train.mesh import replicated
 
 _PRNG_KEY = "__prng_impls__"
@@ -140,7 +140,8 @@ class Checkpointer:
         """``(state, extra, step)`` from the newest readable step, or None if there is none.
 
         An unreadable newer step is reported through ``log``, moved aside, and
-        the previous one is tried; if every step is unreadable this raises.
+        the previous one is tried; when every step is unreadable they are all moved
+        aside and None is returned, so the phase starts again from its beginning.
         """
         self.wait()
         self._mgr.reload()
@@ -160,9 +161,10 @@ class Checkpointer:
                 self.log(f"restored checkpoint step {step} instead of the latest "
                          f"step {failed[0]} (unreadable: {failed})")
             return state, extra, step
-        if failed:
-            raise RuntimeError(f"no readable checkpoint in {self.directory}; "
-                               f"unreadable steps: {failed}")
+        if failed:  # nothing readable: start over rather than fail on every rerun
+            self._quarantine(failed)
+            self.log(f"no readable checkpoint in {self.directory} (unreadable steps {failed}, "
+                     "moved aside as <step>.corrupt); starting this phase from its beginning")
         return None
 
     def _quarantine(self, steps: list[int]) -> None:

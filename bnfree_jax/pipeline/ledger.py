@@ -1,0 +1,43 @@
+"""A job's ledger (`phases.json`): which phases finished, with their metrics and wall
+seconds, so a rerun skips them. Process 0 writes it, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from bnfree_jax.pipeline.jsonfile import read_json, write_json
+
+REMEDY = "restore it, or rerun with --force to start the job over"
+
+
+class Ledger:
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / "phases.json"
+        self.data: dict[str, Any] = read_json(self.path, REMEDY) if self.path.exists() else {}
+        bad = [k for k, v in self.data.items() if not isinstance(v, dict)]
+        if bad:
+            raise ValueError(f"{self.path}: entries {bad} are not records; {REMEDY}")
+
+    def done(self, phase: str) -> bool:
+        return self.data.get(phase, {}).get("done", False)
+
+    def get(self, phase: str) -> Optional[dict]:
+        return self.data.get(phase)
+
+    def mark_done(self, phase: str, **record) -> None:
+        self.data[phase] = {"done": True, **record}
+        self._write()
+
+    def forget(self, phase: str) -> None:
+        """Drop a phase's record (its result is to be made again)."""
+        if self.data.pop(phase, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        """Process 0 writes; every process keeps the same record in memory."""
+        import jax
+
+        if jax.process_index() != 0:
+            return
+        write_json(self.path, self.data, indent=1, sort_keys=True)

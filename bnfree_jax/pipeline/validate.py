@@ -1,0 +1,270 @@
+"""A job's config checked whole, before anything is written: its key structure, every
+value's type and domain, then the rules that tie two keys together (the model's layer
+count, the dataset's classes and sizes, loss weights that leave something to train).
+
+`validate_config` reports every error it finds, in one line, each naming the key, the
+value and the allowed domain: ``teacher.steps=0 must be an int >= 1; ...``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Optional
+
+import ml_collections
+
+from bnfree_jax.config_io import ConfigError, flatten, is_retired, load_config
+from bnfree_jax.data.augment import AUGMENTS
+from bnfree_jax.data.info import SPLITS, dataset_info
+from bnfree_jax.distill.baselines import BASELINES
+from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE
+from bnfree_jax.nn.zoo import MODELS
+
+Check = Callable[[Any], Optional[str]]  # None when the value is allowed, else what is wrong with it
+
+OPTIMIZERS = ("sgd", "adamw")          # train/optim.py _base
+SCHEDULES = ("cosine", "constant")     # train/optim.py make_schedule
+REQUANTS = ("layer", "channel")        # nn/network.py make_network
+COMPUTE_DTYPES = ("float32", "bfloat16")
+LAYER_TARGETS = ("tandem", "teacher")  # distill/plan.py build_stage_plan
+MAX_BITS = 8
+
+
+# --- checks of one value ------------------------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(lo: int, hi: Optional[int] = None) -> Check:
+    """An int (never a bool) >= lo, and <= hi when given."""
+    def check(v):
+        if hi is None:
+            return None if _is_int(v) and v >= lo else f"must be an int >= {lo}"
+        if not _is_int(v):
+            return f"must be an int in {lo}..{hi}"
+        return None if lo <= v <= hi else f"is outside {lo}..{hi}"
+    return check
+
+
+def real(lo: float, strict: bool = False, below: Optional[float] = None) -> Check:
+    """A finite number >= lo (> lo when `strict`), and < `below` when given."""
+    domain = f"a finite number {'>' if strict else '>='} {lo:g}" if below is None else \
+        f"a number in [{lo:g}, {below:g})"
+
+    def check(v):
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > lo if strict else v >= lo) and (below is None or v < below))
+        return None if ok else f"must be {domain}"
+    return check
+
+
+def one_of(choices) -> Check:
+    choices = tuple(choices)
+
+    def check(v):
+        return None if isinstance(v, str) and v in choices else \
+            "must be one of " + ", ".join(repr(c) for c in choices)
+    return check
+
+
+def boolean(v: Any) -> Optional[str]:
+    return None if isinstance(v, bool) else "must be True or False"
+
+
+def string(v: Any) -> Optional[str]:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def warmup(v: Any) -> Optional[str]:
+    """train/optim.py warmup_steps_of: a step count, or a float fraction < 1 of the phase's
+    steps (a whole float such as 100.0, which an int override of a float key becomes, counts steps)."""
+    if _is_int(v) and v >= 0:
+        return None
+    if isinstance(v, float) and math.isfinite(v) and (0 <= v < 1 or (v >= 1 and v.is_integer())):
+        return None
+    return "must be a step count >= 0 or a fraction in [0, 1) of the phase's steps"
+
+
+def bits_name(v: Any) -> Optional[str]:
+    """A sweep entry 'wXaY' with X and Y in 1..8."""
+    m = re.fullmatch(r"w(\d+)a(\d+)", v) if isinstance(v, str) else None
+    if m and all(1 <= int(b) <= MAX_BITS for b in m.groups()):
+        return None
+    return f"must be 'wXaY' with X, Y in 1..{MAX_BITS}"
+
+
+def each(check: Check, nonempty: bool = True) -> Check:
+    """A list (or tuple) whose every element passes `check`."""
+    def list_check(v):
+        if not isinstance(v, (list, tuple)):
+            return "must be a list"
+        if nonempty and not v:
+            return "must not be empty"
+        for x in v:
+            why = check(x)
+            if why:
+                return f"has {x!r}, which {why}"
+        return None
+    return list_check
+
+
+# --- the schema -----------------------------------------------------------------------
+
+STEPS, COUNT, BATCH = integer(1), integer(0), integer(1)
+WEIGHT, POSITIVE, FRACTION = real(0), real(0, strict=True), real(0, below=1)
+BITS = integer(1, MAX_BITS)
+
+OPTIM = {"name": one_of(OPTIMIZERS), "lr": POSITIVE, "momentum": FRACTION, "nesterov": boolean,
+         "b1": FRACTION, "b2": FRACTION, "weight_decay": WEIGHT, "warmup_steps": warmup,
+         "schedule": one_of(SCHEDULES), "grad_clip": WEIGHT, "agc": WEIGHT,
+         "slow_lr_factor": POSITIVE}
+OPTIM_REQUIRED = ("name", "lr")  # train/optim.py reads the others with defaults
+
+_SECTIONS = {
+    "seed": COUNT,
+    "data": {"name": one_of(sorted(SPLITS)), "data_dir": string, "augment": one_of(AUGMENTS),
+             "image_size": COUNT, "max_train_examples": COUNT, "max_test_examples": COUNT,
+             "eval_batch": BATCH, "holdout": COUNT},
+    "model": {"name": one_of(sorted(MODELS)), "num_classes": integer(2), "w_bits": BITS,
+              "a_bits": BITS, "first_last_w_bits": BITS, "requant": one_of(REQUANTS),
+              "act_init": POSITIVE},
+    "teacher": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
+    "qat": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
+    "ptl": {"batch": BATCH, "local_init_steps": COUNT, "stage_steps": STEPS, "finetune_steps": COUNT,
+            "layer_loss_weight": WEIGHT, "ce_weight": WEIGHT, "kd_weight": WEIGHT,
+            "kd_temperature": POSITIVE, "prefix": one_of((FROZEN, SLOW)), "local_init": boolean,
+            "compensation": boolean, "layer_target": one_of(LAYER_TARGETS),
+            "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
+            "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
+    "checkpoint": {"save_every": STEPS, "keep": integer(1)},
+    "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES)},
+    "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
+              "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
+              "binary_qat_lr": POSITIVE},
+}
+SCHEMA: dict[str, Check] = flatten(_SECTIONS)
+
+# Keys the code reads with a default (an older pinned config.json may lack them).
+_OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim")
+OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers"} | {
+    f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
+OPTIONAL_SECTIONS = ("sweep",)  # only `bnfree sweep` reads it
+
+
+# --- validation -------------------------------------------------------------------------
+
+def validate_config(config) -> None:
+    """Raise one ConfigError listing every bad key of `config` (a ConfigDict or nested dict).
+
+    Batch divisibility by the device count is not checked here: it needs the mesh."""
+    errors = config_errors(config)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def config_errors(config) -> list[str]:
+    """Every problem of `config`, one short phrase each: its structure, then each value,
+    then the rules across keys (those run on the keys whose own value passed)."""
+    if not isinstance(config, (dict, ml_collections.ConfigDict)):
+        return [f"the config is a {type(config).__name__}, not an ml_collections.ConfigDict"]
+    flat = {k: v for k, v in flatten(config).items() if not is_retired(k)}
+    errors = _structure_errors(flat)
+    good = {}
+    for key, value in flat.items():
+        check = SCHEMA.get(key)
+        if check is None:
+            continue
+        why = check(value)
+        if why:
+            errors.append(f"{key}={value!r} {why}")
+        else:
+            good[key] = value
+    for rule in (_model_rules, _data_rules, _loss_rules):
+        errors += rule(good)
+    return errors
+
+
+def _structure_errors(flat: dict) -> list[str]:
+    """Unknown keys, values where a section belongs, and missing required keys."""
+    errors, scalars = [], set()
+    for key in flat:
+        if key in SCHEMA:
+            continue
+        if any(k.startswith(key + ".") for k in SCHEMA):
+            scalars.add(key)
+            errors.append(f"{key}={flat[key]!r} is a value where a section of keys belongs")
+        else:
+            errors.append(f"unknown config key {key!r}")
+    present = {k.split(".", 1)[0] for k in flat}
+
+    def required(key: str) -> bool:
+        top = key.split(".", 1)[0]
+        return (key not in OPTIONAL and not (top in OPTIONAL_SECTIONS and top not in present)
+                and not any(key.startswith(s + ".") for s in scalars))  # `model=3`: said once
+
+    missing = [k for k in SCHEMA if k not in flat and required(k)]
+    if missing:
+        errors.append(f"missing config key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    return errors
+
+
+def _model_rules(good: dict) -> list[str]:
+    """ptl.head_layers counts the model's layers."""
+    name, classes = good.get("model.name"), good.get("model.num_classes")
+    head = good.get("ptl.head_layers")
+    if name is None or classes is None or head is None:
+        return []
+    n = len(MODELS[name](classes))
+    if head > n:
+        return [f"ptl.head_layers={head} is outside 1..{n} (the layers of {name})"]
+    return []
+
+
+def _data_rules(good: dict) -> list[str]:
+    """The dataset decides the image size, the class count and how much can be held out."""
+    name = good.get("data.name")
+    size = good.get("data.image_size")
+    if name is None or size is None:
+        return []
+    try:
+        info = dataset_info(name, size or None)
+    except ValueError as e:
+        return [f"data.image_size={size!r}: {e}"]
+    errors = []
+    classes = good.get("model.num_classes")
+    if classes is not None and classes != info.num_classes:
+        errors.append(f"model.num_classes={classes!r} must be {info.num_classes} "
+                      f"(the classes of data.name={name!r})")
+    holdout = good.get("data.holdout", 0)
+    if holdout >= info.num_train:
+        errors.append(f"data.holdout={holdout!r} must be < {info.num_train} "
+                      f"(the training examples of {name}), or 0")
+    if good.get("data.augment") == "imagenet" and not size:
+        errors.append("data.augment='imagenet' needs data.image_size > 0 (its crop size)")
+    return errors
+
+
+def _loss_rules(good: dict) -> list[str]:
+    """Loss weights that are all zero would train a stage on nothing."""
+    w = {k: good.get(f"ptl.{k}") for k in ("layer_loss_weight", "ce_weight", "kd_weight")}
+    if any(v is None for v in w.values()):
+        return []
+    if not any(w.values()):
+        return ["ptl.layer_loss_weight, ptl.ce_weight and ptl.kd_weight are all 0: "
+                "the progressive stages would train on nothing"]
+    end_to_end = set(good.get("sweep.baselines", ())) & {"fold_qat", "scratch"}  # CE + KD only
+    if not (w["ce_weight"] or w["kd_weight"]) and (good.get("ptl.finetune_steps", 0) > 0 or end_to_end):
+        return ["ptl.ce_weight=0 and ptl.kd_weight=0: the fine-tune "
+                f"{'and the baselines ' + ', '.join(sorted(end_to_end)) + ' ' if end_to_end else ''}"
+                "would train on nothing (set one > 0)"]
+    return []
+
+
+def load_valid_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    """`config_io.load_config`, then every value checked: nothing is run or written for a
+    config that would be refused."""
+    config = load_config(spec, overrides)
+    validate_config(config)
+    return config

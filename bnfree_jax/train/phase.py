@@ -1,0 +1,70 @@
+"""Train one phase to its budget, resumably: checkpoints in the phase's own directory,
+resume from the newest readable one (data position included), then the loop.
+
+Resume has one copy, here. A fresh phase's starting point (`start`, e.g. a closed-form
+fit) is computed only when no checkpoint is readable and is saved at step 0 before the
+first step, so a kill at any instant reruns into the same trajectory: it never redoes
+the start on top of a resumed state, nor skips it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from bnfree_jax.train.checkpoint import Checkpointer, abstract_like
+from bnfree_jax.train.loop import run_loop
+from bnfree_jax.train.step import make_train_step
+
+
+def restore_data_position(batches, saved: dict, log, phase: str) -> None:
+    """Resume the input stream where it was; a position saved under another host layout
+    (process count, batch) cannot be mapped onto this one: say so and start a fresh
+    deterministic shuffle instead of failing the resume."""
+    try:
+        batches.set_state(saved)
+    except ValueError as e:
+        log(f"[{phase}] parameters, optimizer state and step restored; the data position was not "
+            f"({e}); continuing with a fresh shuffle from the seed")
+
+
+def resume(ckpt: Checkpointer, like_state, rt, phase: str, batches=None) -> Optional[tuple[Any, dict, int]]:
+    """(state, extra, step) from the newest readable checkpoint, the data position put
+    back into `batches`; None when the phase has no readable checkpoint."""
+    restored = ckpt.restore_latest(abstract_like(like_state, rt.mesh))
+    if restored is None:
+        return None
+    state, extra, step = restored
+    rt.log(f"[{phase}] resuming at step {step}")
+    if batches is not None and extra and "data" in extra:
+        restore_data_position(batches, extra["data"], rt.log, phase)
+    return state, extra, step
+
+
+def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, steps: int, rt,
+                start: Optional[Callable[[], tuple[Any, dict]]] = None) -> tuple[Any, dict]:
+    """Run `phase` to `steps` steps; returns (final state, the phase's `extra` record).
+
+    `like_state` gives the state's structure (and is the fresh state when `start` is
+    None); `start() -> (state, extra)` builds a fresh phase's state and its record."""
+    ckpt = Checkpointer(ckpt_dir, save_every=rt.save_every, keep=rt.keep, log=rt.log)
+    try:
+        found = resume(ckpt, like_state, rt, phase, batches)
+        if found is not None:
+            state, saved, _ = found
+            extra = dict(saved.get("record", {}))
+        elif start is not None:
+            state, extra = start()
+            ckpt.save(0, state, {"phase": phase, "record": extra, "data": batches.get_state()}, force=True)
+        else:
+            state, extra = like_state, {}
+        if steps > 0:
+            step_fn = make_train_step(loss_fn, tx, rt.mesh, compute_dtype=rt.compute_dtype)
+            state = run_loop(step_fn=step_fn, state=state, frozen=frozen, batches=batches, mesh=rt.mesh,
+                             num_steps=steps, checkpointer=ckpt, data_iterator=batches,
+                             extra={"phase": phase, "record": extra}, metrics_path=rt.metrics_path,
+                             phase=phase)
+    finally:
+        ckpt.close()
+        close = getattr(batches, "close", None)
+        if close is not None:  # stop the reader threads now, not at interpreter exit
+            close()
+    return state, extra

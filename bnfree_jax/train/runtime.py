@@ -1,0 +1,19 @@
+"""What every training run of a job shares, passed down explicitly from the job: the mesh,
+where progress and metrics go, the checkpoint policy and the compute dtype."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+from jax.sharding import Mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    mesh: Mesh
+    log: Callable[[str], None] = print
+    metrics_path: Optional[Any] = None  # metrics.jsonl (process 0 appends)
+    save_every: int = 200
+    keep: int = 3
+    compute_dtype: Any = None  # None (float32) or jnp.bfloat16
