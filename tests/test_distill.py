@@ -2,6 +2,7 @@
 least squares, and a short PTL run that lowers every layer-wise target loss."""
 
 import dataclasses
+from contextlib import closing
 
 import jax
 import numpy as np
@@ -14,8 +15,9 @@ from bnfree_jax.distill.ptl import initial_trees, run_plan, stage_loss
 from bnfree_jax.distill.stage_runner import run_stage, split, stage_state
 from bnfree_jax.nn.network import STUDENT, TEACHER
 from bnfree_jax.pipeline.context import make_context
-from bnfree_jax.pipeline.phases import Ledger
-from bnfree_jax.pipeline.teacher import init_variables
+from bnfree_jax.pipeline.ledger import Ledger
+from bnfree_jax.train.streams import stream_key, stream_seed
+from bnfree_jax.train.supervised import init_variables
 
 TINY = ["model.name='tiny_cnn'", "data.max_train_examples=512", "data.max_test_examples=256",
         "ptl.batch=32", "teacher.batch=32", "qat.batch=32", "data.eval_batch=256",
@@ -29,20 +31,25 @@ def ctx(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def env(ctx):
+    return ctx.env
+
+
+@pytest.fixture(scope="module")
 def qat_vars(ctx):
-    net = ctx.network(TEACHER)
-    v = init_variables(net, ctx.info, 0)
+    net = ctx.nets.network(TEACHER)
+    v = init_variables(net, ctx.nets.image_shape, stream_key(ctx.env.seed, "qat/init"))
     rng = np.random.default_rng(0)
     for bs in v["batch_stats"].values():  # non-trivial BN so folding has work to do
         bs["bn"]["var"] = rng.uniform(0.5, 2.0, bs["bn"]["var"].shape).astype(np.float32)
     return v
 
 
-def test_plan_covers_every_parameter_once_per_stage(ctx, qat_vars):
-    names = [s.name for s in ctx.specs(True)]
+def test_plan_covers_every_parameter_once_per_stage(ctx, env, qat_vars):
+    names = ctx.nets.layer_names
     plan = build_stage_plan(ctx.config.ptl, names)
     assert [s.kind for s in plan] == ["local_init"] + ["tandem"] * len(names) + ["finetune"]
-    trees = initial_trees(ctx, qat_vars, ctx.network(STUDENT), "fold", 0)
+    trees = initial_trees(env, qat_vars, "fold")
     for stage in plan:
         params, frozen, _ = split(stage, trees)
         for role, tree in (("S", trees.S), ("T", trees.T)):
@@ -62,26 +69,49 @@ def test_plan_covers_every_parameter_once_per_stage(ctx, qat_vars):
         assert stage.groups(FROZEN) == [f"S:{n}" for n in names[: stage.layer - 1]]
 
 
-def test_stage_trains_only_its_groups_and_keeps_no_frozen_moments(ctx, qat_vars):
-    names = [s.name for s in ctx.specs(True)]
-    stage = build_stage_plan(ctx.config.ptl, names)[2]  # tandem stage ℓ = 2
-    stage = type(stage)(**{**stage.__dict__, "steps": 3})
-    trees = initial_trees(ctx, qat_vars, ctx.network(STUDENT), "fold", 0)
-    state, frozen, _ = stage_state(stage, trees, ctx.config.ptl.optim, 0)
+def _copy(tree):
+    """An independent host copy of `tree`'s arrays, to compare a later state against."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+def _bitwise_equal(x, y) -> bool:
+    lx, ly = jax.tree.leaves(x), jax.tree.leaves(y)
+    return len(lx) == len(ly) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(lx, ly))
+
+
+def test_stage_trains_only_its_groups_and_keeps_no_frozen_moments(ctx, env, qat_vars):
+    names = ctx.nets.layer_names
+    stage = dataclasses.replace(build_stage_plan(ctx.config.ptl, names)[2], steps=3)  # tandem stage ℓ = 2
+    trees = initial_trees(env, qat_vars, "fold")
+    state, frozen, _ = stage_state(stage, trees, ctx.config.ptl.optim, env.seed)
     opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
     assert not any(f"'{names[0]}'" in p and "'S'" in p for p in opt_paths), "moments for a frozen layer"
     assert any(f"'{names[1]}'" in p for p in opt_paths)
-    before = jax.device_get(trees)
-    loss = stage_loss(ctx, stage, ctx.network(STUDENT), ctx.network(TEACHER))
-    after, _ = run_stage(ctx, stage, trees, loss, ctx.config.ptl.optim, ctx.workdir / "ck_stage", seed=0)
-    for a, b in zip(jax.tree.leaves(before.S[names[0]]), jax.tree.leaves(after.S[names[0]])):
-        assert np.array_equal(np.asarray(a), np.asarray(b))  # frozen S_1: bitwise unchanged
-    changed = lambda x, y: any(not np.array_equal(np.asarray(p), np.asarray(q))
-                               for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
-    assert changed(before.S[names[1]], after.S[names[1]])  # trainable S_2
-    assert changed(before.T[names[2]], after.T[names[2]])  # compensating T'_3
-    for a, b in zip(jax.tree.leaves(before.teacher), jax.tree.leaves(after.teacher)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))  # the original teacher is never modified
+    loss = stage_loss(env, stage, ctx.nets.network(STUDENT), ctx.nets.network(TEACHER))
+    # The frozen S_1 is on the stage's path: the stage loss depends on it (so keeping it
+    # unchanged below is the optimizer's doing, not a layer the stage never reads).
+    params, _, _ = split(stage, trees)
+    with closing(env.feed.train_batches(32, stream_seed(env.seed, "test/stage_probe"), env.rt.mesh)) as it:
+        batch = next(it)
+    rng = stream_key(env.seed, "test/stage_probe")
+    k1 = np.asarray(frozen["S"][names[0]]["kernel"])
+    k1 = k1 + np.random.default_rng(0).normal(0, k1.std(), k1.shape).astype(k1.dtype)
+    nudged = {**frozen, "S": {**frozen["S"], names[0]: {**frozen["S"][names[0]], "kernel": k1}}}
+    assert float(loss(params, {}, nudged, batch, rng)[0]) != float(loss(params, {}, frozen, batch, rng)[0])
+    # Independent copies taken before training. (`jax.device_get(trees)` returns the very
+    # same host arrays, so comparing the frozen leaves with it compared objects with themselves.)
+    before = _copy({"S": trees.S, "T": trees.T, "teacher": trees.teacher})
+    after, final, _ = run_stage(env, stage, trees, loss, ctx.config.ptl.optim, ctx.workdir / "ck_stage")
+    assert int(final.step) == 3
+    assert sorted(final.params["S"]) == [names[1]] and sorted(final.params["T"]) == sorted(names[2:])
+    assert _bitwise_equal(after.S[names[0]], before["S"][names[0]])  # frozen S_1: bitwise unchanged
+    assert _bitwise_equal(after.T[names[1]], before["T"][names[1]])  # frozen target T'_2 likewise
+    assert _bitwise_equal(after.teacher, before["teacher"])  # the original teacher is never modified
+    assert not _bitwise_equal(after.S[names[1]], before["S"][names[1]])  # trainable (slow) S_2
+    assert not _bitwise_equal(after.T[names[2]], before["T"][names[2]])  # compensating T'_3
+    # what the stage returns is what it trained
+    assert _bitwise_equal(after.S[names[1]], jax.device_get(final.params["S"][names[1]]))
+    assert _bitwise_equal(after.T[names[2]], jax.device_get(final.params["T"][names[2]]))
 
 
 def test_least_squares_matches_numpy_lstsq():
@@ -106,62 +136,80 @@ def test_least_squares_matches_numpy_lstsq():
         np.testing.assert_allclose([a_c[k], b_c[k]], [slope, icpt], rtol=1e-4, atol=1e-6)
 
 
+def _with_ptl(ctx, **changes):
+    """The job's env with a private copy of its `ptl` section (the fixture's stays as it is)."""
+    cfg = ctx.config.ptl.copy_and_resolve_references()
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return dataclasses.replace(ctx.env, ptl=cfg)
+
+
 @pytest.mark.slow
 def test_short_ptl_lowers_every_layer_loss_and_student_is_bn_free(ctx, qat_vars):
-    ctx = dataclasses.replace(ctx, config=ctx.config.copy_and_resolve_references())  # leave the fixture's alone
-    names = [s.name for s in ctx.specs(True)]
-    cfg = ctx.config.ptl
-    cfg.local_init_steps, cfg.stage_steps, cfg.finetune_steps = 5, 15, 5
-    cfg.ce_weight = 0.0  # the fixture's teacher is untrained: match it, don't fight it
-    cfg.optim.lr = 1e-3
-    cfg.local_init = False  # start far from the targets, so every stage has real work to do:
-    plan = build_stage_plan(cfg, names)  # a random S_1, and S_ℓ folded from T'_ℓ without the α/β fit
+    names = ctx.nets.layer_names
+    env = _with_ptl(ctx, local_init_steps=5, stage_steps=15, finetune_steps=5,
+                    ce_weight=0.0,  # the fixture's teacher is untrained: match it, don't fight it
+                    local_init=False)  # start far from the targets, so every stage has real work to do:
+    env.ptl.optim.lr = 1e-3
+    plan = build_stage_plan(env.ptl, names)  # a random S_1, and S_ℓ folded from T'_ℓ without the α/β fit
     ledger = Ledger(ctx.workdir)
-    student, records = run_plan(ctx, ledger, qat_vars, plan, variant="ptl_test", init="scratch")
-    for rec in records:
-        if rec["kind"] == "tandem":
-            own = names[[r["name"] for r in records if r["kind"] == "tandem"].index(rec["name"])]
-            m = rec["metrics"]
-            if own == names[-1]:  # S_L starts as an exact copy of T'_L (no BN to fold) and then
-                assert m["layer_mse_start"] == 0.0  # trains on CE + KD as well: nothing to lower
-                continue
-            assert m["layer_mse_end"] < m["layer_mse_start"], rec["name"]
-            assert m["layer_mse"][own] < 1.0, rec["name"]  # and it stays close to the original teacher
+    student, records = run_plan(env, qat_vars, plan, records=ledger, out_dir=ctx.workdir / "ptl_test",
+                                ckpt_dir=ctx.workdir / "checkpoints" / "ptl_test", variant="ptl_test",
+                                init="scratch")
+    assert [r["name"] for r in records] == [s.name for s in plan]
+    tandem = [r for r in records if r["kind"] == "tandem"]
+    assert len(tandem) == len(names)
+    for l, rec in enumerate(tandem, start=1):
+        own, m = names[l - 1], rec["metrics"]
+        assert sorted(m["layer_mse"]) == sorted(names[:l]), rec["name"]
+        # the frozen prefix S_1..S_{ℓ-1} is where the earlier stages left it: its error to the
+        # original teacher is the one the previous stage recorded
+        if l > 1:
+            prev = tandem[l - 2]["metrics"]["layer_mse"]
+            for n in names[: l - 1]:
+                assert m["layer_mse"][n] == pytest.approx(prev[n], rel=1e-5), (rec["name"], n)
+        if own == names[-1]:  # S_L starts as an exact copy of T'_L (no BN to fold) and then
+            assert m["layer_mse_start"] == 0.0  # trains on CE + KD as well: nothing to lower
+            continue
+        assert m["layer_mse_end"] < m["layer_mse_start"], rec["name"]
+    # Stage 1's target T'_1 is the original teacher's first layer (nothing trained it before:
+    # no local init), on the same input (the images): its own-layer error and its error to the
+    # original teacher, computed on two paths, are one number.
+    m1 = tandem[0]["metrics"]
+    assert m1["layer_mse"][names[0]] == pytest.approx(m1["layer_mse_end"], rel=1e-5)
     assert all("handover_rel_residual" not in r["metrics"] for r in records)  # no refit without local init
     flat = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(student)[0]]
     assert flat and not any("bn" in p or "batch_stats" in p for p in flat)
     assert ledger.done("ptl_test/finetune")
 
 
-def test_handover_carries_compensation_into_the_student(ctx, qat_vars):
+def test_handover_carries_compensation_into_the_student(ctx, env, qat_vars):
     """After stage 1 trains T'_2 (compensation), stage 2's S_2 is folded from that trained
     T'_2, and its α, β are the least-squares fit to T'_2 on the student's own input."""
     from bnfree_jax.distill.fold import fold_layer
     from bnfree_jax.distill.handover import hand_over, needs_handover
     from bnfree_jax.distill.tandem import tandem_roles, tandem_variables
 
-    names = [s.name for s in ctx.specs(True)]
+    names = ctx.nets.layer_names
     plan = build_stage_plan(ctx.config.ptl, names)
     assert [needs_handover(plan, k) for k in range(len(plan))] == [False, False] + [True] * (len(names) - 1) + [False]
-    stage1 = type(plan[1])(**{**plan[1].__dict__, "steps": 4})
-    trees = initial_trees(ctx, qat_vars, ctx.network(STUDENT), "fold", 0)
-    loss = stage_loss(ctx, stage1, ctx.network(STUDENT), ctx.network(TEACHER))
-    trees, _ = run_stage(ctx, stage1, trees, loss, ctx.config.ptl.optim, ctx.workdir / "ck_handover", seed=0)
+    stage1 = dataclasses.replace(plan[1], steps=4)
+    trees = initial_trees(env, qat_vars, "fold")
+    loss = stage_loss(env, stage1, ctx.nets.network(STUDENT), ctx.nets.network(TEACHER))
+    trees, _, _ = run_stage(env, stage1, trees, loss, ctx.config.ptl.optim, ctx.workdir / "ck_handover")
     n2 = names[1]
     assert not np.array_equal(np.asarray(trees.T[n2]["kernel"]), np.asarray(qat_vars["params"][n2]["kernel"]))
-    batches = ctx.train_batches(32, seed_offset=9)
-    new, rel = hand_over(ctx, plan[2], trees, refit=True, batches=batches, num_batches=2)
-    batches.close()
-    spec = ctx.specs(True)[1]
-    student_net = ctx.network(STUDENT)
-    folded = fold_layer(spec, trees.T[n2], trees.Tbs[n2], None, student_net.per_channel)
+    batches = lambda: closing(ctx.feed.train_batches(32, stream_seed(env.seed, "test/handover"), ctx.rt.mesh))
+    with batches() as it:
+        new, rel = hand_over(ctx.nets, plan[2], trees, refit=True, batches=it, num_batches=2)
+    spec = ctx.nets.specs(True)[1]
+    folded = fold_layer(spec, trees.T[n2], trees.Tbs[n2], None, ctx.nets.per_channel)
     np.testing.assert_array_equal(np.asarray(new.S[n2]["kernel"]), folded["kernel"])
     # numpy least squares of T'_2(h) on S_2's raw op output over the same images
-    batches = ctx.train_batches(32, seed_offset=9)
-    images = np.concatenate([next(batches)["image"] for _ in range(2)])
-    batches.close()
+    with batches() as it:
+        images = np.concatenate([next(it)["image"] for _ in range(2)])
     L = len(names)
-    net2, net1 = ctx.network(tandem_roles(L, 2)), ctx.network(tandem_roles(L, 1))
+    net2, net1 = ctx.nets.network(tandem_roles(L, 2)), ctx.nets.network(tandem_roles(L, 1))
     unit = {**new.S, n2: {**new.S[n2], "alpha": np.float32(1.0), "beta": np.zeros_like(new.S[n2]["beta"])}}
     h = net2.apply(tandem_variables(net2.specs, 2, unit, trees.T, trees.Tbs), images, stop=1)
     _, c = net2.apply(tandem_variables(net2.specs, 2, unit, trees.T, trees.Tbs), h, start=1, stop=2, capture=True)
@@ -184,12 +232,11 @@ def test_head_stage_converts_the_last_layers_together(ctx, qat_vars):
     end in one stage of twice the steps; the prefix stays frozen; the budget is unchanged."""
     from bnfree_jax.distill.handover import hand_over_all
     from bnfree_jax.distill.plan import total_steps
-    from bnfree_jax.pipeline.variables import load_variables
+    from bnfree_jax.train.variables import load_variables
 
-    ctx = dataclasses.replace(ctx, config=ctx.config.copy_and_resolve_references())
-    names = [s.name for s in ctx.specs(True)]  # tiny_cnn: conv1, conv2, fc3
-    cfg = ctx.config.ptl
-    cfg.local_init_steps, cfg.stage_steps, cfg.finetune_steps = 2, 3, 0
+    names = ctx.nets.layer_names  # tiny_cnn: conv1, conv2, fc3
+    env = _with_ptl(ctx, local_init_steps=2, stage_steps=3, finetune_steps=0)
+    cfg = env.ptl
     single = build_stage_plan(cfg, names)
     cfg.head_layers = 2
     plan = build_stage_plan(cfg, names)
@@ -205,15 +252,20 @@ def test_head_stage_converts_the_last_layers_together(ctx, qat_vars):
         with pytest.raises(ValueError, match="head_layers"):
             build_stage_plan(wrong, names)
     ledger = Ledger(ctx.workdir)
-    student, records = run_plan(ctx, ledger, qat_vars, plan, variant="head_test")
-    assert set(records[-1]["metrics"]["handover_rel_residual"]) == {"conv2", "fc3"}
-    # redo the stage's hand-overs from the saved stage-1 trees, with the same batches
-    init = initial_trees(ctx, qat_vars, ctx.network(STUDENT), "fold", 0)
-    saved = load_variables(ctx.workdir / "head_test" / "stage1_conv1", {"S": init.S, "T": init.T})
+    out_dir = ctx.workdir / "head_test"
+    student, records = run_plan(env, qat_vars, plan, records=ledger, out_dir=out_dir,
+                                ckpt_dir=ctx.workdir / "checkpoints" / "head_test", variant="head_test")
+    run_residuals = records[-1]["metrics"]["handover_rel_residual"]
+    assert set(run_residuals) == {"conv2", "fc3"}
+    # redo the stage's hand-overs from the saved stage-1 trees, with the same batches (the
+    # stage's own fit stream): the residuals are the run's own
+    init = initial_trees(env, qat_vars, "fold")
+    saved = load_variables(out_dir / "stage1_conv1", {"S": init.S, "T": init.T})
     trees = dataclasses.replace(init, S=saved["S"], T=saved["T"])
-    batches = ctx.train_batches(cfg.batch, seed_offset=200 + 2)
-    handed, _ = hand_over_all(ctx, head, trees, refit=True, batches=batches)
-    batches.close()
+    with closing(env.feed.train_batches(cfg.batch, stream_seed(env.seed, f"stage/{head.name}/fit"),
+                                        env.rt.mesh)) as batches:
+        handed, residuals = hand_over_all(env.nets, head, trees, refit=True, batches=batches)
+    assert residuals == pytest.approx(run_residuals, rel=1e-5)
     leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
     assert all(np.array_equal(a, b) for a, b in zip(leaves(saved["S"]["conv1"]), leaves(student["conv1"])))
     for n in ("conv2", "fc3"):  # both head layers trained after their hand-over

@@ -1,5 +1,5 @@
 """Launch scripts (dry runs, syntax), the ImageNet config's shape, and the pure
-environment detection of bnfree_jax.distributed."""
+environment detection of bnfree_jax.train.distributed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bnfree_jax import distributed
+from bnfree_jax.train import distributed
 from bnfree_jax.config_io import flatten, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_plan_tpu_and_single(env, source):
 
 
 def test_initialize_single_process_is_a_noop_and_idempotent():
-    code = ("import json; from bnfree_jax.distributed import initialize; "
+    code = ("import json; from bnfree_jax.train.distributed import initialize; "
             "a = initialize({}); b = initialize({}); print(json.dumps([a, b]))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},

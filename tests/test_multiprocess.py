@@ -37,11 +37,13 @@ import jax, numpy as np
 from bnfree_jax.config_io import load_config
 from bnfree_jax.nn.network import TEACHER
 from bnfree_jax.pipeline.context import make_context
-from bnfree_jax.pipeline.teacher import init_variables
-from bnfree_jax.pipeline.variables import load_variables
+from bnfree_jax.train.streams import stream_key
+from bnfree_jax.train.supervised import init_variables
+from bnfree_jax.train.variables import load_variables
 a, b, scratch = sys.argv[1:4]
 ctx = make_context(load_config("configs/mnist_alexnet.py:quick", sys.argv[4:]), scratch)
-init = init_variables(ctx.network(TEACHER, quantized=False, bn_axis_name="data"), ctx.info, ctx.config.seed)
+init = init_variables(ctx.nets.network(TEACHER, quantized=False, bn_axis_name="data"), ctx.nets.image_shape,
+                      stream_key(ctx.config.seed, "teacher/init"))  # the job's own initial teacher
 va, vb = load_variables(a, init), load_variables(b, init)
 diff = lambda x, y: max(float(np.max(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64))))
                         for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y)))

@@ -11,7 +11,7 @@ import pytest
 from bnfree_jax.config_io import load_config
 from bnfree_jax.distill.baselines import BASELINES, baseline_plan
 from bnfree_jax.distill.plan import build_stage_plan, total_steps
-from bnfree_jax.pipeline.sweep import results_table
+from bnfree_jax.report.results_table import results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["conv1", "conv2", "fc3"]
@@ -34,7 +34,7 @@ def test_results_table_mean_and_std():
     rows = [dict(method="ptl", w_bits=4, a_bits=4, requant="layer", seed=s, top1=v, seconds=t)
             for s, (v, t) in enumerate([(0.98, 100.0), (0.99, 110.0), (1.0, 150.0)])]
     table = results_table(rows)
-    assert "| ptl | layer | 99.00 ± 0.82 (n=3) |" in table
+    assert "| ptl | layer | 99.00 ± 1.00 (n=3) |" in table  # sample std (n − 1): sqrt((1 + 0 + 1) / 2) points
     assert "| ptl | layer | 120 |" in table  # mean wall seconds
     partial = rows + [dict(method="fold", w_bits=2, a_bits=2, requant="channel", seed=0, top1=0.5, seconds=None)]
     table = results_table(partial)
@@ -56,5 +56,46 @@ def test_tiny_sweep_has_a_row_per_method(tmp_path):
     rows = json.loads((tmp_path / "sw" / "sweep" / "results.json").read_text())
     methods = {r["method"] for r in rows}
     assert methods == {"teacher", "qat_teacher", "ptl", *BASELINES}
-    assert all(0.0 <= r["top1"] <= 1.0 for r in rows)
+    assert len(rows) == len(methods)  # one sub-job (w4a4, layer, seed 0): one row per method
+    assert all((r["w_bits"], r["a_bits"], r["requant"], r["seed"]) == (4, 4, "layer", 0) for r in rows)
+    sub = tmp_path / "sw" / "w4a4_layer_s0"
+    got = {r["method"]: r["top1"] for r in rows}
+    assert got == independent_top1(sub, BASELINES)  # every figure re-measured here, exactly
+    ledger = json.loads((sub / "phases.json").read_text())
+    for r in rows:
+        if r["method"] not in ("teacher", "qat_teacher"):
+            rec = ledger["export" if r["method"] == "ptl" else f"export/{r['method']}"]
+            assert r["fakequant_top1"] == rec["student_fakequant_top1"] and rec["n_images"] == 256, r
     assert "| fold_qat | layer |" in (tmp_path / "sw" / "sweep" / "table.md").read_text()
+
+
+def independent_top1(sub: Path, baselines) -> dict:
+    """Top-1 of every model of a finished sub-job on its 256 test images, measured without
+    the pipeline's evaluation: the saved BN teachers by a plain forward pass, the PTL
+    student and each baseline by the integer interpreter on their exported artifacts."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from bnfree_jax import intsim
+    from bnfree_jax.nn.network import TEACHER
+    from bnfree_jax.pipeline.context import make_context
+    from bnfree_jax.train.variables import load_variables
+
+    config = ml_collections.ConfigDict(json.loads((sub / "config.json").read_text()))
+    ctx = make_context(config, sub, log=lambda m: None)
+    images, labels = ctx.feed.eval_arrays()
+    assert len(labels) == 256
+    out = {}
+    for method, phase, quantized in (("teacher", "teacher", False), ("qat_teacher", "qat", True)):
+        net = ctx.nets.network(TEACHER, quantized=quantized)
+        like = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *ctx.nets.image_shape), jnp.uint8))
+        variables = load_variables(sub / phase / "variables", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), like))
+        logits = jax.jit(lambda v, x: net.apply(v, x, train=False))(variables, images)
+        out[method] = int(np.sum(np.argmax(np.asarray(logits), -1) == labels)) / len(labels)
+    dirs = {"ptl": sub / "export", **{b: sub / "baselines" / b / "export" for b in baselines}}
+    for method, art_dir in dirs.items():
+        res = intsim.evaluate(intsim.load_artifact(art_dir), images, labels)
+        out[method] = res["correct"] / res["n"]
+    return out

@@ -1,7 +1,7 @@
 """Input data: the embedded MNIST TFDS builder, TFDS ArrayRecord sources, grain pipelines."""
 
 from bnfree_jax.data.info import DatasetInfo, dataset_info, default_data_dir
-from bnfree_jax.data.pipeline import (TrainIterator, eval_batches, example_batches, shard_ids,
+from bnfree_jax.data.batches import (TrainIterator, eval_batches, example_batches, shard_ids,
                                       train_iterator)
 from bnfree_jax.data.sources import TfdsSource, ensure_dataset, get_source, job_sources
 

@@ -1,5 +1,6 @@
 """Integer artifact writer: `model.safetensors` (packed codes, int32 biases and
-requantisation constants) plus `manifest.json` (graph, shapes, bits, sha256, bounds).
+requantisation constants) plus `manifest.json` (graph, shapes, bits, bounds, the tensors
+file's sha256 and the manifest's own sha256, `manifest_sha256`).
 
 The format is specified in docs/artifact-format.md. The writer refuses anything the
 interpreter could not run exactly: out-of-range codes, bad shapes, and any layer whose
@@ -15,13 +16,14 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
-from bnfree_jax.export.packing import check_codes, pack_codes, packed_nbytes
+from bnfree_jax.export.packing import check_codes, pack_codes
 
 FORMAT = "bnfree-int-artifact"
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 INT32_MAX = 2**31 - 1
+SEAL_FIELD = "manifest_sha256"
 OUTPUT_OPS = ("requant_relu", "sign", "requant_out")
 
 
@@ -78,8 +80,11 @@ def _validate_layer(layer: dict, index: int, n_layers: int) -> tuple[str, int]:
     check_codes(layer["weight"], layer["w_bits"], f"layer {name}")
     if layer["kind"] == "conv":
         pad = np.asarray(layer.get("padding"))
+        w = np.asarray(layer["weight"])
         if pad.shape != (2, 2) or pad.min() < 0 or int(layer.get("stride", 0)) < 1:
             raise ValueError(f"layer {name}: conv needs stride >= 1 and padding [[t,b],[l,r]] >= 0")
+        if w.ndim == 4 and np.any(pad >= np.asarray(w.shape[:2])[:, None]):
+            raise ValueError(f"layer {name}: padding {pad.tolist()} must be below the kernel size {list(w.shape[:2])}")
     if layer["output"] == "requant_relu":
         a = layer.get("a_bits")
         if not isinstance(a, (int, np.integer)) or not 1 <= a <= 8:
@@ -115,6 +120,29 @@ def _json_default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sealed_manifest_bytes(manifest: dict) -> bytes:
+    """manifest.json's bytes, carrying `manifest_sha256`: the sha256 of these same bytes
+    with that field's 64 hex digits written as '0' (docs/artifact-format.md)."""
+    body = {k: v for k, v in manifest.items() if k != SEAL_FIELD}
+    head = {k: body.pop(k) for k in ("format", "format_version") if k in body}
+    body = {**head, SEAL_FIELD: "0" * 64, **body}
+    text = json.dumps(body, indent=1, default=_json_default).encode()
+    slot = f'"{SEAL_FIELD}": "'.encode()
+    if text.count(slot) != 1:
+        raise ValueError(f"config and metrics must not hold a key named {SEAL_FIELD!r}")
+    i = text.index(slot) + len(slot)
+    return text[:i] + hashlib.sha256(text).hexdigest().encode() + text[i + 64:]
+
+
+def write_manifest(out_dir, manifest: dict) -> dict:
+    """(Re)write `out_dir/manifest.json` sealed with its own sha256; return it as read back.
+    The one way to change a manifest (e.g. its metrics) that the loader will still accept."""
+    blob = sealed_manifest_bytes(manifest)
+    with open(os.path.join(out_dir, MANIFEST_FILE), "wb") as fh:
+        fh.write(blob)
+    return json.loads(blob)
 
 
 def write_artifact(out_dir, *, layers, input_spec, config, metrics, format_version=FORMAT_VERSION) -> dict:
@@ -186,6 +214,4 @@ def write_artifact(out_dir, *, layers, input_spec, config, metrics, format_versi
                  "ratio": nbytes / max(ideal, 1.0)},
         "config": config, "metrics": metrics,
     }
-    with open(os.path.join(out_dir, MANIFEST_FILE), "w") as fh:
-        json.dump(manifest, fh, indent=1, default=_json_default)
-    return json.loads(json.dumps(manifest, default=_json_default))
+    return write_manifest(out_dir, manifest)

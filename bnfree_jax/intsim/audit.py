@@ -1,14 +1,25 @@
-"""Integer-only audit: count jaxpr equations that touch floating point, recursively.
+"""Integer-only audits.
 
-Sub-jaxprs are found generically in equation params (pjit/jit, closed_call,
-custom_jvp/custom_vjp, cond branches, while cond/body, scan, remat, shard_map...),
-so a float hidden in any nested computation is counted.
+* `audit_float_ops`: jaxpr equations that touch floating point, recursively. Sub-jaxprs
+  are found generically in equation params (pjit/jit, closed_call, custom_jvp/custom_vjp,
+  cond branches, while cond/body, scan, remat, shard_map...), so a float hidden in any
+  nested computation is counted.
+* `audit_artifact`: the artifact's files read raw (the safetensors header and the
+  manifest's layer entries, not the validating loader, which would refuse the very
+  artifacts worth auditing): float tensors, ops outside the integer op set, tensors and
+  ops named like a normalisation, tensors no layer uses.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+
 import jax
 import numpy as np
+
+from bnfree_jax.intsim.loader import KINDS, OUTPUT_OPS, ArtifactError
 
 
 def _is_float(aval) -> bool:
@@ -58,3 +69,117 @@ def audit_float_ops(fn, *example_args, max_examples: int = 20) -> dict:
     found: list[str] = []
     _walk(closed.jaxpr, "", found, set())
     return {"count": len(found), "examples": found[:max_examples]}
+
+
+# Name tokens that denote a normalisation op or its parameters / statistics.
+NORM_TOKENS = frozenset({"bn", "ln", "gn", "mean", "var", "variance", "running", "moving", "gamma",
+                         "beta", "eps", "epsilon"})
+
+
+def denotes_normalisation(text: str) -> bool:
+    """Whether a name or op kind looks like a normalisation: a token (split on case changes,
+    non-alphanumerics and digits) containing 'norm' or in NORM_TOKENS. 'bnfree', 'conv1'
+    and 'fc6' are not; 'bn1', 'BatchNorm_0', 'conv1.bn.running_var', 'layer_norm' are."""
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", str(text)).lower()
+    return any("norm" in tok or tok in NORM_TOKENS for tok in re.split(r"[^a-z]+", spaced) if tok)
+
+
+def _safetensors_header(path: str) -> dict:
+    """The JSON header of a safetensors file (u64 little-endian length, then JSON), unparsed data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or not 0 < n <= size - 8:
+            raise ArtifactError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{path}: safetensors header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: safetensors header must be a JSON object")
+    return header
+
+
+def _strings(value):
+    """Every string inside a JSON value: keys and values, recursively."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _floats(value) -> int:
+    """Number of JSON floats inside a value (an integer manifest's layers hold none)."""
+    if isinstance(value, float):
+        return 1
+    if isinstance(value, dict):
+        return sum(_floats(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_floats(v) for v in value)
+    return 0
+
+
+def _layer_findings(entry, index: int, found: dict) -> set:
+    """Count one manifest layer's findings into `found`; return the tensor names it uses."""
+    if not isinstance(entry, dict):
+        found["non_integer_ops"].append(f"layer {index}: not a JSON object")
+        return set()
+    name = f"layer {index} ({entry.get('name')!s})"
+    for field, known in (("kind", KINDS), ("output", OUTPUT_OPS)):
+        if entry.get(field) not in known:
+            found["non_integer_ops"].append(f"{name}: {field} {entry.get(field)!r}")
+    hits = sorted({t for t in _strings(entry) if denotes_normalisation(t)})
+    if hits:
+        found["normalisation"].append(f"{name}: {', '.join(hits)}")
+    n_float = _floats(entry)
+    if n_float:
+        found["float_params"].append(f"{name}: {n_float} float value(s)")
+    keys = entry.get("tensors")
+    return {v for v in keys.values() if isinstance(v, str)} if isinstance(keys, dict) else set()
+
+
+def audit_artifact(path) -> dict:
+    """Audit an artifact directory for anything that is not integer-only.
+
+    Returns counts {'tensors', 'layers', 'float_tensors' (header dtype F*/BF*),
+    'float_params' (layers with JSON floats), 'non_integer_ops' (kind/output outside the
+    integer op set), 'normalisation' (tensors + layers named like a normalisation),
+    'unused_tensors' (in the file, used by no layer)} and 'examples' {key: [str, ...]}.
+    Every count of a sound artifact is 0; a file that cannot be read is an ArtifactError."""
+    path = os.fspath(path)
+    try:
+        with open(os.path.join(path, "manifest.json"), "rb") as fh:
+            manifest = json.loads(fh.read())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: cannot read manifest.json: {err}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
+        raise ArtifactError(f"{path}: manifest.json has no 'layers' list")
+    tname = manifest.get("tensors_file", "model.safetensors")
+    if not isinstance(tname, str) or os.path.basename(tname) != tname:
+        raise ArtifactError(f"{path}: bad tensors_file {tname!r}")
+    header = _safetensors_header(os.path.join(path, tname))
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    found = {k: [] for k in ("float_tensors", "float_params", "non_integer_ops", "normalisation", "unused_tensors")}
+    used = set()
+    for i, entry in enumerate(manifest["layers"]):
+        used |= _layer_findings(entry, i, found)
+    for key, info in sorted(tensors.items()):
+        dtype = str(info.get("dtype", "?")).upper() if isinstance(info, dict) else "?"
+        if dtype.startswith(("F", "BF")):
+            found["float_tensors"].append(f"{key}: {dtype}")
+        if denotes_normalisation(key):
+            found["normalisation"].append(f"tensor {key}")
+        if key not in used:
+            found["unused_tensors"].append(f"tensor {key}")
+    meta = header.get("__metadata__")
+    if isinstance(meta, dict) and any(denotes_normalisation(t) for t in _strings(meta)):
+        found["normalisation"].append("safetensors __metadata__")
+    report = {"tensors": len(tensors), "layers": len(manifest["layers"])}
+    report.update({k: len(v) for k, v in found.items()})
+    report["examples"] = {k: v[:20] for k, v in found.items() if v}
+    return report

@@ -144,7 +144,7 @@ def _compiled(layers, pad_value, with_stats: bool):
 
 
 def check_images(artifact, images) -> None:
-    """Raise ValueError unless `images` is uint8 [N, H, W, C] matching the artifact's input."""
+    """Raise ValueError unless `images` is uint8 [N >= 1, H, W, C] matching the artifact's input."""
     dtype = getattr(images, "dtype", None)
     if dtype is None or np.dtype(dtype) != np.uint8:
         raise ValueError(f"images must be uint8 pixels, got dtype {dtype}")
@@ -152,12 +152,38 @@ def check_images(artifact, images) -> None:
     if len(shape) != 4 or shape[1:] != tuple(artifact.input_shape):
         raise ValueError(f"images must have shape [N, {', '.join(map(str, artifact.input_shape))}] "
                          f"(NHWC), got {list(shape)}")
+    if shape[0] == 0:
+        raise ValueError("images: empty batch (N = 0), nothing to run")
+
+
+def check_batch_size(batch_size) -> None:
+    """Raise ValueError unless `batch_size` is None (one call) or a positive int: 0 or a
+    negative size would otherwise fail deep inside range() or silently run one batch."""
+    if batch_size is None:
+        return
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+
+
+def check_labels(artifact, labels, n: int) -> np.ndarray:
+    """Labels as an integer array [n] inside the artifact's classes [0, classes); a label
+    outside them could never be predicted and would silently score 0."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers of shape [{n}], got {labels.dtype} {list(labels.shape)}")
+    classes = artifact.layers[-1].weight_shape[-1]
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"labels must lie in [0, {classes - 1}] (the artifact has {classes} classes), "
+                         f"got values in [{lo}, {hi}]")
+    return labels
 
 
 def run_int(artifact, images, *, batch_size: int | None = None, with_stats: bool = False):
     """int32 logits [N, classes] of uint8 `images` [N, H, W, C]; jitted, in chunks of
     `batch_size`. With `with_stats`, also the largest |acc| per layer (int32 [L])."""
     check_images(artifact, images)
+    check_batch_size(batch_size)
     fn = _compiled(artifact.layers, artifact.pad_value, with_stats)
     params = prepare(artifact)
     n = images.shape[0]
@@ -175,13 +201,12 @@ def run_int_with_stats(artifact, images, *, batch_size: int | None = None):
     return run_int(artifact, images, batch_size=batch_size, with_stats=True)
 
 
-def evaluate(artifact, images, labels, *, batch_size: int = 1000) -> dict:
+def evaluate(artifact, images, labels, *, batch_size: int | None = 1000) -> dict:
     """Top-1 accuracy of the artifact (argmax of int32 logits, ties -> lowest index)
     plus per-layer accumulator extremes against their static bounds."""
     check_images(artifact, images)
-    labels = np.asarray(labels)
-    if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers of shape [{images.shape[0]}], got {labels.dtype} {list(labels.shape)}")
+    check_batch_size(batch_size)
+    labels = check_labels(artifact, labels, images.shape[0])
     logits, acc_max = run_int_with_stats(artifact, images, batch_size=batch_size)
     pred = np.argmax(np.asarray(logits), axis=-1)
     correct = int(np.sum(pred == labels))
@@ -190,7 +215,7 @@ def evaluate(artifact, images, labels, *, batch_size: int = 1000) -> dict:
     acc_max = [int(v) for v in np.asarray(acc_max)]
     bounds = [row["bound"] for row in overflow_bounds(artifact)]
     return {
-        "top1": correct / max(n, 1), "n": n, "correct": correct,
+        "top1": correct / n, "n": n, "correct": correct,
         "max_abs_acc": dict(zip(names, acc_max)),
         "acc_bound": dict(zip(names, bounds)),
         "observed_headroom_bits": {k: 31 - v.bit_length() for k, v in zip(names, acc_max)},

@@ -64,13 +64,20 @@ def _kind(exc: BaseException) -> tuple[int, str]:
 @contextlib.contextmanager
 def stop_signals_raise():
     """SIGTERM and SIGHUP raise `Terminated` (the training loop turns them into a saved
-    checkpoint first), so a stop during export or the report still ends in one line."""
+    checkpoint first), so a stop during export or the report still ends in one line. A
+    signal whose exception was swallowed (it landed in a callback run from C) still ends
+    the command as stopped when the block returns."""
+    seen = []
+
     def handler(signum, _frame):
+        seen.append(signum)
         raise Terminated(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
+        if seen:
+            raise Terminated(seen[0])
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

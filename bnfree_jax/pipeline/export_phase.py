@@ -15,7 +15,7 @@ import numpy as np
 from bnfree_jax.config_io import to_dict
 from bnfree_jax.distill.ptl import final_student
 from bnfree_jax.export.artifact import MANIFEST_FILE, TENSORS_FILE, write_artifact
-from bnfree_jax.export.int_sim import int_sim_batched
+from bnfree_jax.export.simulate import int_sim_batched
 from bnfree_jax.export.integerize import integerize
 from bnfree_jax.nn.network import STUDENT
 from bnfree_jax.train.evaluate import batched_outputs
@@ -33,15 +33,6 @@ def artifact_hashes(out_dir: Path) -> dict:
     """sha256 of the artifact's two files (None for a missing one)."""
     return {name: file_sha256(out_dir / name) if (out_dir / name).exists() else None
             for name in (TENSORS_FILE, MANIFEST_FILE)}
-
-
-def count_bn_ops(manifest: dict) -> int:
-    """Ops or tensors in the artifact that look like batch normalisation (must be 0)."""
-    words = ("batchnorm", "batch_norm", "bn")
-    ops = [str(l.get("kind", "")).lower() for l in manifest["layers"]] + \
-          [str(l.get("output", "")).lower() for l in manifest["layers"]]
-    names = [n.lower() for n in manifest.get("tensors", {})]
-    return sum(1 for t in ops + names if any(t == w or t.startswith(w + "_") or w in t.split(".") for w in words))
 
 
 def _still_exported(ctx, ledger, key: str, out_dir: Path) -> bool:
@@ -79,11 +70,12 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
     fq = batched_outputs(lambda p, x: net.apply({"params": p}, x), params, images)
     sim = int_sim_batched(layers, input_spec, images)
     config = to_dict(ctx.config)
-    manifest = write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics={})
+    write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics={})
     art = intsim.load_artifact(out_dir)
     logits, acc_max = intsim.run_int_with_stats(art, images, batch_size=1000)  # one interpreter pass
     logits = np.asarray(logits)
     audit = intsim.audit_float_ops(lambda x: intsim.run_int(art, x), images[:2])
+    files = intsim.audit_artifact(out_dir)  # the raw files: dtypes, ops, names, unused tensors
     fq_pred, int_pred = fq.argmax(-1), logits.argmax(-1)
     metrics = {
         "n_images": int(len(labels)),
@@ -92,12 +84,12 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
         "int_argmax_agreement": float(np.mean(fq_pred == int_pred)),
         "int_sim_bit_exact": bool(np.array_equal(sim, logits)),
         "interpreter_float_ops": int(audit["count"]),
-        "bn_ops_in_artifact": count_bn_ops(manifest),
+        "bn_ops_in_artifact": int(files["normalisation"]),
+        "float_tensors_in_artifact": int(files["float_tensors"]),
         "max_abs_acc": {layer.name: int(v) for layer, v in zip(art.layers, np.asarray(acc_max))},
         "min_accumulator_headroom_bits": min(b["headroom_bits"] for b in intsim.overflow_bounds(art)),
     }
-    write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics=metrics)
-    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    manifest = write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics=metrics)
     ledger.mark_done(key, seconds=round(time.time() - t0, 2), sha256=artifact_hashes(out_dir), **metrics)
     ctx.log(f"[export] int top-1 {metrics['student_int_top1']:.4f}  fake-quant {metrics['student_fakequant_top1']:.4f}  "
             f"agreement {metrics['int_argmax_agreement']:.4f}  bit-exact {metrics['int_sim_bit_exact']}  "

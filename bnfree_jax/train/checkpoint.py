@@ -211,7 +211,7 @@ class PreemptionGuard:
 
 
 @contextlib.contextmanager
-def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
                      ) -> Iterator[PreemptionGuard]:
     """Turn ``signals`` into ``guard.requested`` for the duration of the block.
 

@@ -112,7 +112,7 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
             return
         step, dev_metrics = pending
         pending = None
-        record = {"phase": phase, "step": step, **_to_host(dev_metrics)}
+        record = {"phase": phase, "step": step, "time": round(time.time(), 3), **_to_host(dev_metrics)}
         if not math.isfinite(record["loss"]):
             raise NonFiniteLoss(phase, step, record["loss"])
         if on_metrics is not None:
