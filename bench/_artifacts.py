@@ -22,7 +22,7 @@ def student(w_bits: int, a_bits: int, first_last: int = 8, seed: int = 0):
     """(specs, net, params) of a random-init alexnet_cifar student."""
     specs = with_bits(alexnet_cifar(10), w_bits, a_bits, first_last)
     net = make_network(specs, STUDENT, MEAN, STD)
-    params = jax.device_get(net.init(jax.random.PRNGKey(seed), jnp.zeros((1, *SHAPE), jnp.uint8))["params"])
+    params = jax.device_get(net.init(jax.random.key(seed), jnp.zeros((1, *SHAPE), jnp.uint8))["params"])
     return specs, net, params
 
 

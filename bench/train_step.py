@@ -28,7 +28,7 @@ from bnfree_jax.distill.stage_runner import Trees, split  # noqa: E402
 from bnfree_jax.distill.tandem import make_tandem_loss, tandem_roles  # noqa: E402
 from bnfree_jax.nn.network import STUDENT, TEACHER, make_network  # noqa: E402
 from bnfree_jax.nn.zoo import alexnet_cifar, with_bits  # noqa: E402
-from bnfree_jax.pipeline.teacher import classification_loss  # noqa: E402
+from bnfree_jax.train.supervised import classification_loss  # noqa: E402
 from bnfree_jax.train.mesh import make_mesh, put_replicated, shard_batch  # noqa: E402
 from bnfree_jax.train.state import create_train_state  # noqa: E402
 from bnfree_jax.train.step import make_train_step  # noqa: E402
@@ -46,7 +46,7 @@ def _batch(mesh, batch: int, seed: int = 0):
 
 
 def _init(net, seed: int):
-    return jax.device_get(net.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False))
+    return jax.device_get(net.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False))
 
 
 def _timed_step(step_fn, state, frozen, batch, repeats: int, inner: int):

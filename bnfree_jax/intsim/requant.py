@@ -44,7 +44,3 @@ def requant_out(acc, multiplier, shift):
         y = jnp.clip(_scaled(acc, multiplier, shift), -(2**31), 2**31 - 1)
         return y.astype(jnp.int32)
 
-
-def sign(acc):
-    """+1 if acc >= 0 else -1, as int32."""
-    return jnp.where(acc >= 0, jnp.int32(1), jnp.int32(-1))
