@@ -1,4 +1,5 @@
-"""Checkpoint round trip, fallback on corruption, exact resume, NaN and preemption stops."""
+"""Checkpoint round trip, fallback on corruption (to an older step, or to the phase's start when
+no step is readable), exact resume, NaN and preemption stops."""
 
 import glob
 import json
@@ -15,7 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _multidevice_step import TinyNet, init_model, make_loss_fn, synthetic_batch  # noqa: E402
 
-from bnfree_jax.train.phase import resume  # noqa: E402
+from bnfree_jax.train.phase import resume, train_phase  # noqa: E402
 from bnfree_jax.train.runtime import Runtime  # noqa: E402
 from bnfree_jax.train import (Checkpointer, NonFiniteLoss, Preempted, abstract_like,  # noqa: E402
                               create_train_state, make_mesh, make_train_step, preemption_guard,
@@ -136,6 +137,59 @@ def test_corrupt_latest_falls_back_to_previous_and_says_so(tmp_path, mesh, damag
     assert ck.all_steps() == [2] and os.path.isdir(tmp_path / "ck" / "4.corrupt")
     assert ck.save(4, s4, {"n": 4}, force=True)
     ck.close()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_readable_step_moves_all_aside_and_the_phase_starts_from_its_beginning(tmp_path, mesh):
+    state, step = fresh(mesh)
+    ck = Checkpointer(tmp_path / "ck", save_every=2, keep=3, async_save=False)
+    s2 = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: x + 2, state.params))
+    s4 = state.replace(step=jnp.int32(4), params=jax.tree.map(lambda x: x + 4, state.params))
+    ck.save(2, s2, {"n": 2})
+    ck.save(4, s4, {"n": 4})
+    ck.close()
+    data = {n: glob.glob(str(tmp_path / "ck" / str(n) / "state" / "d" / "*")) for n in (2, 4)}
+    assert data[2] and data[4]
+    _garble(data[4])  # the newest garbled, the older one's data gone: nothing is readable
+    for p in data[2]:
+        os.remove(p)
+    messages = []
+    ck = Checkpointer(tmp_path / "ck", save_every=2, keep=3, log=messages.append)
+    assert ck.restore_latest(abstract_like(state, mesh)) is None  # no longer a RuntimeError
+    assert ck.all_steps() == []
+    assert sorted(os.listdir(tmp_path / "ck")) == ["2.corrupt", "4.corrupt"]
+    assert [m for m in messages if "unreadable" in m and "falling back" in m and "step 4" in m]
+    assert [m for m in messages if "unreadable" in m and "falling back" in m and "step 2" in m]
+    start_over = [m for m in messages if "from its beginning" in m]
+    assert len(start_over) == 1 and "[4, 2]" in start_over[0], messages
+    ck.close()
+
+    # The phase itself: its fresh start runs (once), is saved at step 0 beside the moved-aside
+    # steps, and the phase trains to the very state an untouched fresh run reaches.
+    ck = Checkpointer(tmp_path / "ck2", save_every=2, keep=3, async_save=False)
+    ck.save(2, s2, {"n": 2})
+    ck.close()
+    _garble(glob.glob(str(tmp_path / "ck2" / "2" / "state" / "d" / "*")))
+    messages.clear()
+    starts = []
+
+    def start():
+        starts.append(1)
+        return fresh(mesh)[0], {"fit": "closed form"}
+
+    rt = Runtime(mesh, log=messages.append, save_every=2, keep=3)
+    final, record = train_phase("p", tmp_path / "ck2", state_like(mesh), FROZEN, make_loss_fn(TinyNet()), TX,
+                                Batches(), 3, rt, start=start)
+    assert starts == [1] and record == {"fit": "closed form"}
+    assert len([m for m in messages if "from its beginning" in m]) == 1, messages
+    assert sorted(os.listdir(tmp_path / "ck2")) == ["0", "2", "2.corrupt", "3"]
+    state, step = fresh(mesh)
+    untouched = run_loop(step_fn=step, state=state, frozen=FROZEN, batches=Batches(), mesh=mesh,
+                         num_steps=3, progress=False)
+    assert int(final.step) == 3
+    leaves_equal(final.params, untouched.params)
+    leaves_equal(final.opt_state, untouched.opt_state)
 
 
 def test_resume_is_bitwise_exact(tmp_path, mesh):

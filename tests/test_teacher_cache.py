@@ -4,7 +4,6 @@ stage losses read it without running the teacher, and iterator positions pass th
 import dataclasses
 from contextlib import closing
 
-import jax
 import numpy as np
 import pytest
 
