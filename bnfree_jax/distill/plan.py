@@ -100,7 +100,8 @@ def plan_table(plan: Sequence[Stage]):
     from rich.table import Table
 
     t = Table(title="PTL stage plan")
-    for col in ("stage", "steps", "trainable", "slow", "frozen", "losses"):
+    t.add_column("stage", no_wrap=True, min_width=max([len(s.name) for s in plan] + [5]))  # never cut a name
+    for col in ("steps", "trainable", "slow", "frozen", "losses"):
         t.add_column(col)
     short = lambda gs: ", ".join(gs) if gs else "-"
     for s in plan:
