@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bnfree_jax.report.results_table import mean_std, results_table
-from bnfree_jax.report.sources import sweep_series
+from bnfree_jax.report.readers import sweep_series
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
