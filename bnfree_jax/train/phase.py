@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import jax
+
 from bnfree_jax.train.checkpoint import Checkpointer, abstract_like
 from bnfree_jax.train.loop import run_loop
+from bnfree_jax.train.mesh import replicated
 from bnfree_jax.train.step import make_train_step
+
+
+def on_mesh(state, mesh):
+    """`state` as global arrays replicated on the mesh (what orbax saves on every host);
+    a jitted identity accepts host-local and typed-key leaves as the training step does."""
+    return jax.jit(lambda s: s, out_shardings=replicated(mesh))(state)
 
 
 def restore_data_position(batches, saved: dict, log, phase: str) -> None:
@@ -53,6 +62,7 @@ def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, 
             extra = dict(saved.get("record", {}))
         elif start is not None:
             state, extra = start()
+            state = on_mesh(state, rt.mesh)
             ckpt.save(0, state, {"phase": phase, "record": extra, "data": batches.get_state()}, force=True)
         else:
             state, extra = like_state, {}
