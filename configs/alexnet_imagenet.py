@@ -55,7 +55,7 @@ def get_config(arg: str = ""):
         finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),
     )
     c.checkpoint = dict(save_every=2000, keep=3)
-    c.mesh = dict(compute_dtype="bfloat16")
+    c.mesh = dict(compute_dtype="bfloat16", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
 
     for a in args:
         if a.startswith("w") and "a" in a:

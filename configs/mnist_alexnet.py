@@ -45,7 +45,7 @@ def get_config(arg: str = ""):
         finetune_optim=_optim(lr=2e-4),
     )
     c.checkpoint = dict(save_every=200, keep=3)
-    c.mesh = dict(compute_dtype="float32")
+    c.mesh = dict(compute_dtype="float32", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
 
     for a in args:
         if a.startswith("w") and "a" in a and a != "quick":

@@ -21,7 +21,7 @@ from bnfree_jax.nn.zoo import get_layer_specs
 from bnfree_jax.report.summary import eval_split
 from bnfree_jax.train.distributed import primary_first
 from bnfree_jax.train.feed import Feed
-from bnfree_jax.train.mesh import check_batch_divisible, make_mesh
+from bnfree_jax.train.mesh import check_batch_divisible, check_platform, make_mesh
 from bnfree_jax.train.runtime import Runtime
 
 
@@ -66,6 +66,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
         primary_first(lambda: data_lib.ensure_dataset(d.name, data_dir=data_dir), "bnfree_dataset")
     info = data_lib.dataset_info(d.name, image_size=d.image_size or None)
     mesh = make_mesh()
+    check_platform(config.mesh.get("platform", "auto"), mesh.devices.flat)
     for phase in ("teacher", "qat", "ptl"):
         check_batch_divisible(config[phase].batch, mesh)
     holdout = d.holdout

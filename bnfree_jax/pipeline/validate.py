@@ -20,6 +20,7 @@ from bnfree_jax.data.info import SPLITS, dataset_info
 from bnfree_jax.distill.baselines import BASELINES
 from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE
 from bnfree_jax.nn.zoo import MODELS
+from bnfree_jax.train.mesh import PLATFORMS
 
 Check = Callable[[Any], Optional[str]]  # None when the value is allowed, else what is wrong with it
 
@@ -139,7 +140,7 @@ _SECTIONS = {
             "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
     "checkpoint": {"save_every": STEPS, "keep": integer(1)},
-    "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES)},
+    "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS)},
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
               "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
               "binary_qat_lr": POSITIVE},
@@ -148,7 +149,7 @@ SCHEMA: dict[str, Check] = flatten(_SECTIONS)
 
 # Keys the code reads with a default (an older pinned config.json may lack them).
 _OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim")
-OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers"} | {
+OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep",)  # only `bnfree sweep` reads it
 

@@ -16,6 +16,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+PLATFORMS = ("auto", "tpu", "gpu", "cpu")  # mesh.platform; jax's Device.platform names
+# How to get the missing JAX build, per expected platform (launch/setup.sh).
+_INSTALL_HINT = {"tpu": "install the TPU build with `bash launch/setup.sh --accelerator tpu`",
+                 "gpu": "install the CUDA build with `bash launch/setup.sh --accelerator cuda`",
+                 "cpu": "run with JAX_PLATFORMS=cpu"}
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -24,6 +29,24 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     if not devs:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.asarray(devs, dtype=object), (DATA_AXIS,))
+
+
+def check_platform(expected: str, devices: Sequence[jax.Device] | None = None) -> None:
+    """Refuse a job whose devices are not the platform its config expects.
+
+    Without the accelerator's JAX build, JAX falls back to the CPU silently and a pod job
+    would train there for days; `mesh.platform` makes that one ValueError at the start.
+    ``'auto'`` accepts any device; ``devices`` defaults to ``jax.devices()``."""
+    if expected not in PLATFORMS:
+        raise ValueError(f"mesh.platform={expected!r} must be one of "
+                         + ", ".join(repr(p) for p in PLATFORMS))
+    if expected == "auto":
+        return
+    devs = list(jax.devices() if devices is None else devices)
+    found = sorted({d.platform for d in devs})
+    if expected not in found:
+        raise ValueError(f"mesh.platform={expected!r} but JAX found only {'/'.join(found) or 'no'} "
+                         f"devices ({len(devs)}); {_INSTALL_HINT[expected]}")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
