@@ -238,9 +238,32 @@ def test_a_killed_run_resumes_shard_by_shard(tmp_path, monkeypatch):
         _prepare(src, out, shard_size=4, resize=RESIZE + 1)
 
 
+def _children(pid: int) -> list[int]:
+    """The pool workers of `pid` (its children other than multiprocessing's resource tracker)."""
+    out = []
+    for d in pathlib.Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if d.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid \
+                and b"resource_tracker" not in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_a_sigkilled_cli_run_resumes(tmp_path):
-    """A real kill (-9) of `bnfree prepare` with a pool: the rerun keeps every finished
-    shard, and the dataset has each image once."""
+    """A real kill (-9) of `bnfree prepare` with a pool: its workers end too, the rerun
+    keeps every finished shard, and the dataset has each image once."""
     import signal
     import subprocess
     import time
@@ -260,8 +283,14 @@ def test_a_sigkilled_cli_run_resumes(tmp_path):
     deadline = time.time() + 60
     while not list(version.glob("*.array_record-*[0-9]")) and time.time() < deadline:
         time.sleep(0.005)
+    workers = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert len(workers) == 2
+    deadline = time.time() + 10
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers), "orphaned pool workers"
     assert not (version / "dataset_info.json").exists()
     finished = {p: p.stat().st_mtime_ns for p in version.glob("*.array_record-*[0-9]")}
     assert 0 < len(finished) < 62

@@ -39,6 +39,8 @@ import pathlib
 import re
 import tarfile
 import tempfile
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
@@ -277,6 +279,22 @@ def _stored_order(items: list[Item], seed: int) -> list[Item]:
 _WORKER = {}
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Ends this worker once its parent is gone: a pool worker whose parent was killed
+    (-9) would otherwise wait on the task queue forever."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _init_pool_worker(parent: int, features, resize: int | None) -> None:
+    _exit_with_parent(parent)
+    _init_worker(features, resize)
+
+
 def _init_worker(features, resize: int | None) -> None:
     """Per-process state: the serializer of the dataset's features, and the resize."""
     from tensorflow_datasets.core import example_serializer
@@ -478,8 +496,8 @@ def _records(shards: list[_Shard], workers: int, features, resize):
             _close_files()
         return
     ctx = multiprocessing.get_context("spawn")  # the parent holds threads (grain, jax)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(features, resize))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
+                               initargs=(os.getpid(), features, resize))
     try:
         queued = collections.deque()
         for shard in shards:
