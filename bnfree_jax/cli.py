@@ -49,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1000, help="images per interpreter call")
     p.add_argument("--out", default="", help="where to write the JSON result (default: ARTIFACT/eval_int.json)")
 
+    p = sub.add_parser("prepare", help="turn downloaded ILSVRC2012 into the TFDS ArrayRecord dataset the "
+                       "jobs read (no TensorFlow; resumable)")
+    from bnfree_jax.pipeline.prepare import PREPARABLE
+
+    p.add_argument("dataset", choices=PREPARABLE, help="the dataset to prepare")
+    p.add_argument("--source", required=True, help="directory holding train/ and val/ (extracted), or "
+                   "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (+ ILSVRC2012_devkit_t12.tar.gz)")
+    p.add_argument("--data-dir", default="", help="TFDS data dir to write (default: $TFDS_DATA_DIR or the cache)")
+    p.add_argument("--resize", type=int, default=None,
+                   help="store images with their shorter side resized to N pixels (default: as they are)")
+    p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: all cores)")
+    p.add_argument("--val-labels", default="", help="text file with one wnid per validation image in file-name "
+                   "order (instead of the devkit, whose meta.mat needs scipy)")
+    p.add_argument("--shard-size", type=int, default=1024, help="examples per shard, the unit of resumption")
+
     p = sub.add_parser("sweep", help="PTL and every baseline over bit widths, requant settings and seeds")
     _config_args(p)
 
@@ -59,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args) -> int:
+    if args.command == "prepare":  # before `commands`, which imports the whole training stack
+        from bnfree_jax.pipeline.prepare import prepare_command
+        return prepare_command(args)
     from bnfree_jax.pipeline import commands
 
     if args.command == "eval-int":
