@@ -108,18 +108,24 @@ def _garble(paths):
         open(p, "wb").write(bytes(b))
 
 
+def _two_saved_steps(directory, state):
+    """Steps 2 and 4 of `state` (params shifted by 2 and 4) saved in `directory`."""
+    ck = Checkpointer(directory, save_every=2, keep=3, async_save=False)
+    s2 = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: x + 2, state.params))
+    s4 = state.replace(step=jnp.int32(4), params=jax.tree.map(lambda x: x + 4, state.params))
+    ck.save(2, s2, {"n": 2})
+    ck.save(4, s4, {"n": 4})
+    ck.close()
+    return s2, s4
+
+
 # A failed orbax read leaves an un-awaited coroutine behind; that noise is orbax's.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["garble", "delete"])
 def test_corrupt_latest_falls_back_to_previous_and_says_so(tmp_path, mesh, damage):
     state, _ = fresh(mesh)
-    ck = Checkpointer(tmp_path / "ck", save_every=2, keep=3, async_save=False)
-    s2 = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: x + 2, state.params))
-    s4 = state.replace(step=jnp.int32(4), params=jax.tree.map(lambda x: x + 4, state.params))
-    ck.save(2, s2, {"n": 2})
-    ck.save(4, s4, {"n": 4})
-    ck.close()
+    s2, s4 = _two_saved_steps(tmp_path / "ck", state)
     data = glob.glob(str(tmp_path / "ck" / "4" / "state" / "d" / "*"))
     assert data
     if damage == "garble":
@@ -143,12 +149,7 @@ def test_corrupt_latest_falls_back_to_previous_and_says_so(tmp_path, mesh, damag
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_readable_step_moves_all_aside_and_the_phase_starts_from_its_beginning(tmp_path, mesh):
     state, step = fresh(mesh)
-    ck = Checkpointer(tmp_path / "ck", save_every=2, keep=3, async_save=False)
-    s2 = state.replace(step=jnp.int32(2), params=jax.tree.map(lambda x: x + 2, state.params))
-    s4 = state.replace(step=jnp.int32(4), params=jax.tree.map(lambda x: x + 4, state.params))
-    ck.save(2, s2, {"n": 2})
-    ck.save(4, s4, {"n": 4})
-    ck.close()
+    s2, s4 = _two_saved_steps(tmp_path / "ck", state)
     data = {n: glob.glob(str(tmp_path / "ck" / str(n) / "state" / "d" / "*")) for n in (2, 4)}
     assert data[2] and data[4]
     _garble(data[4])  # the newest garbled, the older one's data gone: nothing is readable
