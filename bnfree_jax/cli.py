@@ -12,7 +12,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="ml_collections config file, optionally with an argument: FILE.py[:ARG]")
     p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics, artifact and report")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. model.w_bits=2 ptl.stage_steps=300")
+                   help="config overrides, e.g. model.w_bits=2 ptl.stage_steps=300 (before or "
+                        "after the options, in order: a later one wins)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +88,29 @@ def dispatch(args) -> int:
     return getattr(commands, args.command.replace("-", "_"))(config, Path(args.workdir), args)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with KEY=VALUE overrides accepted on both sides of the options.
+
+    argparse gives a `nargs="*"` positional only its first run of words, so in
+    `run k=1 --workdir D k=2` the `k=2` is left over; launchers append `--workdir` after the
+    user's overrides, so such words are overrides too (kept in command-line order).  Left-over
+    words of a command without overrides, and unknown options, are a one-line error (status 2).
+    """
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+        stray = [w for w in args.overrides if w.startswith(("-", "=")) or "=" not in w]
+    else:
+        stray = extra
+    if stray:
+        ap.exit(2, f"error: unrecognized arguments for bnfree {args.command}: {' '.join(stray)} "
+                   f"(config overrides are KEY=VALUE; see bnfree {args.command} -h)\n")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from bnfree_jax.pipeline.errors import one_line_errors
 
     try:

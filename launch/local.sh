@@ -2,8 +2,11 @@
 # One machine, all its devices, one process: `bnfree "$@"` (no jax.distributed needed).
 #
 #   launch/local.sh [--dry-run] <bnfree args>
-#   e.g. launch/local.sh run --config configs/mnist_alexnet.py:quick --workdir /tmp/job
+#   e.g. launch/local.sh run --config configs/mnist_alexnet.py:quick model.w_bits=2 --workdir /tmp/job ptl.stage_steps=300
 #
+# The bnfree args are passed as given: KEY=VALUE overrides go anywhere among them (before or
+# after --workdir; a later one wins).  A leading --dry-run is this script's; a later one is bnfree's
+# (`launch/local.sh distill --dry-run ...` prints the stage plan).
 # Env: PYTHON (interpreter used when no `bnfree` executable is on PATH, default python3).
 # With --dry-run it prints the command it would run and exits 0.
 set -euo pipefail

@@ -4,8 +4,10 @@
 #
 #   launch/multiprocess_cpu.sh N [--devices-per-process K] [--port P] [--dry-run] -- <bnfree args>
 #   e.g. launch/multiprocess_cpu.sh 2 --devices-per-process 2 -- \
-#          train-teacher --config configs/mnist_alexnet.py:quick --workdir /tmp/job
+#          train-teacher --config configs/mnist_alexnet.py:quick teacher.steps=50 --workdir /tmp/job
 #
+# The launcher's options come before `--`; everything after it goes to every process as given
+# (KEY=VALUE overrides anywhere, before or after --workdir; a --dry-run there is bnfree's).
 # Each output line is prefixed with "[pI] ".  The launcher waits for all processes;
 # when one exits non-zero it terminates the others and exits with that status
 # (a dead peer never leaves the rest hanging).  With --dry-run it prints the N
