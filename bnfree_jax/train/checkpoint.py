@@ -12,11 +12,16 @@ or missing file fails loudly); the unreadable step directories are renamed
 callback says what happened.  All processes call every method: orbax writes
 shared metadata, and the JSON ``extra``, from the primary host only, so
 ``extra`` must be the same on every host (e.g. a step-based data position).
+
+A stop signal (SIGTERM, SIGINT, SIGHUP) only raises a flag (``preemption_guard``); with
+several processes ``post_preemption_notice`` hands it to JAX's preemption sync manager,
+so that every process stops at the same step (see ``train/loop.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -83,6 +88,12 @@ def _data_to_keys(tree: Any, impls: dict[str, str]) -> Any:
     return jax.tree_util.tree_map_with_path(conv, tree)
 
 
+def _never_preempted(step: int) -> bool:
+    """orbax's own preemption check, turned off (see ``Checkpointer.__init__``)."""
+    del step
+    return False
+
+
 class Checkpointer:
     """Periodic, optionally asynchronous checkpoints of ``(state, extra)`` in ``directory``.
 
@@ -101,6 +112,11 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "extra"))
+        # Stops are the training loop's to decide (train/loop.py numbers the preemption sync
+        # steps); orbax would also report its checkpoint steps to JAX's sync manager, later
+        # from its finalize thread too, and an older step there can move the agreed stop
+        # behind a process that is already past it.
+        self._mgr.reached_preemption = _never_preempted
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` without ``force`` would write."""
@@ -196,8 +212,41 @@ class Checkpointer:
         self.close()
 
 
+# The coordination-service key that XLA's preemption sync manager watches
+# (xla/tsl/distributed_runtime/preemption/preemption_sync_manager.cc): its own SIGTERM
+# notifier posts the death time there (RFC 3339), which starts the agreement on every process.
+_PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+
+
+def preemption_sync_available() -> bool:
+    """Whether JAX's preemption sync manager runs here (``jax.distributed.initialize``
+    starts it, unless ``jax_enable_preemption_service`` is off)."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
+
+
+def post_preemption_notice() -> None:
+    """Tell every process's preemption sync manager that this one got a stop notice.
+
+    XLA's notifier only sees SIGTERM through its own C handler, which the guard's Python
+    handler replaces while training (and it never sees SIGHUP), so the notice is posted
+    here the way that notifier posts it (death time: now).  A notice already posted, by
+    a peer that got the signal too, stands; any other failure is raised.
+    """
+    from jax._src import distributed
+
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    try:
+        distributed.global_state.client.key_value_set(_PREEMPTION_NOTICE_KEY, when)
+    except Exception as err:  # noqa: BLE001 - only "already exists" is expected
+        if "ALREADY_EXISTS" not in str(err):
+            raise
+
+
 class PreemptionGuard:
-    """A flag set by SIGTERM/SIGINT; the training loop polls ``requested``."""
+    """A flag set by SIGTERM/SIGINT/SIGHUP; the training loop polls ``requested``."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None

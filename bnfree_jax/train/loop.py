@@ -5,10 +5,16 @@ the host never stalls the device, except at checkpoints, where everything up
 to the saved step is checked finite first: a NaN/Inf loss is never saved.
 Step numbers are the state's ``step`` after the update (1-based), the same
 numbers the checkpoints carry.
+
+A stop signal makes every process of the job save the same step and raise
+``Preempted`` (see ``_StopRule``): one process stops after the step it is running;
+several stop at the step JAX's preemption sync manager agrees on, with no host sync
+per step.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,7 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from bnfree_jax.train.checkpoint import Checkpointer, preemption_guard
+from bnfree_jax.train.checkpoint import (Checkpointer, PreemptionGuard, post_preemption_notice,
+                                         preemption_guard, preemption_sync_available)
 from bnfree_jax.train.mesh import shard_batch
 
 
@@ -41,11 +48,54 @@ class Preempted(RuntimeError):
                          f"'{phase}' after saving a checkpoint")
 
 
+PEER_NOTICE = "another process's stop notice"  # Preempted.signal_name where the signal landed elsewhere
+
+# Training steps this process has run, over all phases: the step id of the preemption
+# sync, the same on every process (they run the same phases from the same checkpoints),
+# where a phase's own step restarts and could skip the agreed point.
+_STEPS_RUN = itertools.count(1)
+
+
 def _any_process(flag: bool) -> bool:
+    """``flag`` or-ed over all processes (a host sync when there are several)."""
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+class _StopRule:
+    """Whether to stop after a step: the same answer on every process, at the same step.
+
+    One process: as soon as the guard is up (no host sync).  Several: at the step that
+    JAX's preemption sync manager agrees on.  Its per-step check is local (a lock);
+    the agreement (every process's step id, max + 1) happens once, in the background,
+    after the process that caught the signal posts the notice.  At a phase's last step
+    the processes also agree directly (one allgather, next to the final save's own
+    barriers), so a notice that came too late for the sync point still stops this
+    phase.  Without the sync manager (``jax_enable_preemption_service`` off) they
+    agree directly at log points only, since each check is a host sync.
+    """
+
+    def __init__(self, guard: PreemptionGuard, num_steps: int, log_every: int):
+        self.guard, self.num_steps, self.log_every = guard, num_steps, max(log_every, 1)
+        self.multi = jax.process_count() > 1
+        self.synced = self.multi and preemption_sync_available()
+        self.posted = False
+
+    def __call__(self, step: int) -> bool:
+        final = step == self.num_steps
+        if not self.multi:
+            return self.guard.requested
+        if not self.synced:
+            return (final or step % self.log_every == 0) and _any_process(self.guard.requested)
+        if self.guard.requested and not self.posted:
+            post_preemption_notice()
+            self.posted = True
+        from jax.experimental import multihost_utils
+        if multihost_utils.reached_preemption_sync_point(next(_STEPS_RUN)):
+            return True
+        return final and _any_process(self.guard.requested)
 
 
 def _to_host(metrics: dict) -> dict[str, float]:
@@ -90,8 +140,10 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
     every ``checkpointer.save_every`` steps and at the end (with ``extra`` plus
     ``phase`` and the data state); writes JSON lines ``{"phase", "step",
     "loss", ...}`` every ``log_every`` steps and at the end (process 0); calls
-    ``on_metrics(record)`` for every step.  Raises ``Preempted`` after saving on
-    SIGTERM/SIGINT and ``NonFiniteLoss`` (without saving) on a NaN/Inf loss.
+    ``on_metrics(record)`` for every step.  Raises ``Preempted`` after saving (and
+    waiting for the save) on SIGTERM/SIGINT/SIGHUP, at the same step on every process
+    when only some of them got the signal, and ``NonFiniteLoss`` (without saving) on a
+    NaN/Inf loss.
     Returns the final state.
     """
     start = int(np.asarray(jax.device_get(state.step)))
@@ -131,6 +183,7 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
 
     try:
         with preemption_guard() as guard:
+            should_stop = _StopRule(guard, num_steps, log_every)
             for step in range(start + 1, num_steps + 1):
                 try:
                     local = next(it)
@@ -141,18 +194,16 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
                 state, dev_metrics = step_fn(state, frozen, batch)
                 flush()  # the previous step, while this one runs
                 pending = (step, dev_metrics)
-                poll = step % max(log_every, 1) == 0 or step == num_steps
-                if jax.process_count() == 1:
-                    stop = guard.requested
-                else:  # agree across hosts, at log points only (it is a host sync)
-                    stop = poll and _any_process(guard.requested)
+                stop = should_stop(step)
                 if checkpointer is not None and (stop or step == num_steps
                                                  or checkpointer.should_save(step)):
                     flush()
                     save(step, force=stop or step == num_steps)
                 if stop:
                     flush()
-                    raise Preempted(phase, step, guard.signal_name)
+                    if checkpointer is not None:  # on disk before the notice period ends
+                        checkpointer.wait()
+                    raise Preempted(phase, step, guard.signal_name or PEER_NOTICE)
             flush()
     finally:
         bar.close()
