@@ -280,3 +280,26 @@ def test_a_full_disk_is_one_line_naming_the_path():
         code, msg = _kind(wrapped)
     assert code == 1 and msg.startswith("error: no space left on device writing /dev/full (")
     assert "free" in msg and "\n" not in msg
+
+
+def test_a_swallowed_stop_signal_still_stops_at_the_next_phase_boundary(tmp_path):
+    """A SIGTERM whose exception is lost where it landed (a callback run from C ignores
+    it) ends the command when the next phase is recorded, not after the whole job."""
+    import signal as sig
+
+    from bnfree_jax.pipeline.errors import Terminated, stop_signals_raise
+    from bnfree_jax.pipeline.ledger import Ledger
+
+    ledger = Ledger(tmp_path)
+    with pytest.raises(Terminated, match="SIGTERM"):
+        with stop_signals_raise():
+            try:
+                os.kill(os.getpid(), sig.SIGTERM)
+                time.sleep(0.5)  # the handler runs here and raises ...
+            except Terminated:
+                pass  # ... and something swallows it
+            ledger.mark_done("export", seconds=1.0)
+            raise AssertionError("the phase boundary did not stop the command")
+    assert ledger.done("export")  # the finished phase is kept: the rerun skips it
+    with stop_signals_raise():  # and nothing is left pending for the next command
+        ledger.mark_done("report", seconds=1.0)

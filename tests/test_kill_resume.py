@@ -51,7 +51,8 @@ INSTANTS = [
      lambda wd: any(s >= 8 for s in steps(ck(wd, "ptl/stage2_conv2-fc3")))),
     ("fine-tune", "ptl/finetune", lambda wd: any(s >= 4 for s in steps(ck(wd, "ptl/finetune")))),
     ("export", "export", lambda wd: "student" in ledger(wd) and "export" not in ledger(wd)),
-    ("report", "report", lambda wd: "export" in ledger(wd) and "report" not in ledger(wd)),
+    ("report", "report",  # its layer statistics written: the report phase has begun
+     lambda wd: "report" not in ledger(wd) and (wd / "report" / "layer_stats.json").exists()),
 ]
 
 

@@ -61,23 +61,33 @@ def _kind(exc: BaseException) -> tuple[int, str]:
     return 1, f"error: {name}: {exc}"
 
 
+# Stop signals received and not yet acted on. Signals are process-wide, so is this record.
+_PENDING: list[int] = []
+
+
+def raise_if_stopped() -> None:
+    """Raise `Terminated` for a stop signal whose exception was swallowed where it landed
+    (a `__del__` or another callback run from C ignores exceptions); called at every phase
+    boundary (the ledger's writes) and when the command returns."""
+    if _PENDING:
+        raise Terminated(_PENDING.pop(0))
+
+
 @contextlib.contextmanager
 def stop_signals_raise():
     """SIGTERM and SIGHUP raise `Terminated` (the training loop turns them into a saved
-    checkpoint first), so a stop during export or the report still ends in one line. A
-    signal whose exception was swallowed (it landed in a callback run from C) still ends
-    the command as stopped when the block returns."""
-    seen = []
-
+    checkpoint first), so a stop during export or the report still ends in one line."""
     def handler(signum, _frame):
-        seen.append(signum)
+        _PENDING.append(signum)
         raise Terminated(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
-        if seen:
-            raise Terminated(seen[0])
+        raise_if_stopped()
+    except Terminated:
+        _PENDING.clear()
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

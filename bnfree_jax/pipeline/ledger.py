@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from bnfree_jax.pipeline.errors import raise_if_stopped
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
 
 REMEDY = "restore it, or rerun with --force to start the job over"
@@ -26,8 +27,10 @@ class Ledger:
         return self.data.get(phase)
 
     def mark_done(self, phase: str, **record) -> None:
+        """Record a finished phase; a stop signal that arrived during it ends the job here."""
         self.data[phase] = {"done": True, **record}
         self._write()
+        raise_if_stopped()
 
     def forget(self, phase: str) -> None:
         """Drop a phase's record (its result is to be made again)."""

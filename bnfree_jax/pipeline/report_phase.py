@@ -39,11 +39,10 @@ def write_report(ctx, ledger, wall_seconds: float) -> dict:
     else:  # no stale figures of an earlier student
         for name in (JSON_FILE, NPZ_FILE):
             (out / name).unlink(missing_ok=True)
-    ledger.mark_done("report", seconds=0.0)  # listed in the summary; its time is filled in below
     summary = build_summary(ctx.workdir, wall_seconds=wall_seconds, float_params_bytes=float_param_bytes(ctx.nets))
     write_markdown(ctx.workdir, summary, out, log=ctx.log)
     seconds = round(time.time() - t0, 2)
-    ledger.mark_done("report", seconds=seconds)
     summary["phase_seconds"]["report"] = seconds
     write_json(out / "summary.json", summary, indent=1)
+    ledger.mark_done("report", seconds=seconds)
     return summary
