@@ -73,6 +73,8 @@ def _cases():
         dense_first = [LayerSpec("fc1", "dense", 12, kernel=1, w_bits=w, a_bits=a),
                        LayerSpec("fc2", "dense", 10, kernel=1, w_bits=8, last=True)]
         cases.append(pytest.param(dense_first, "mnist", rq, id=f"dense-first-W{w}A{a}-mnist-{rq}"))
+        # three input channels: 1/std and the zero point tiled along the flattened NHWC input
+        cases.append(pytest.param(dense_first, "cifar", rq, id=f"dense-first-W{w}A{a}-cifar-{rq}"))
     cases += [pytest.param(with_bits(tiny_cnn(10), 2, 2), "cifar", "channel", id="tiny_cnn-W2A2-cifar-channel"),
               pytest.param(with_bits(tiny_cnn(10), 1, 1, 8), "mnist", "layer", id="tiny_cnn-W1A1-mnist-layer")]
     return cases
@@ -130,8 +132,9 @@ def acc_steps(specs, params, std, per_channel):
     for i, spec in enumerate(specs):
         p = params[spec.name]
         kernel = np.asarray(p["kernel"], np.float32)
-        if i == 0:
-            kernel = kernel * (1.0 / np.asarray(std, np.float32))[:, None]
+        if i == 0:  # a dense first kernel's row k reads input channel k mod C
+            inv = 1.0 / np.asarray(std, np.float32)
+            kernel = kernel * (np.tile(inv, kernel.shape[0] // inv.size) if kernel.ndim == 2 else inv)[:, None]
         s_w = np.asarray(maxabs_scale(kernel, spec.w_bits, per_channel), np.float64).reshape(-1)
         r = np.abs(np.broadcast_to(np.asarray(p["alpha"], np.float64).reshape(-1), (spec.features,))) * s_x * s_w
         if spec.last:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from bnfree_jax.nn.weights import teacher_weight
+from bnfree_jax.nn.weights import along_input, teacher_weight
 
 BN_EPS = 1e-5
 
@@ -26,7 +26,7 @@ def teacher_effective_weight(spec, layer_params: dict, inv_std, per_channel: boo
     """The teacher's dequantised weights as its forward pass uses them (first layer: ×1/std)."""
     w = jnp.asarray(layer_params["kernel"])
     if inv_std is not None:
-        w = w * jnp.asarray(inv_std, w.dtype)[:, None]
+        w = w * jnp.asarray(along_input(inv_std, w.shape), w.dtype)
     if spec.quantized:
         w = teacher_weight(w, spec.w_bits, per_channel)
     return np.asarray(w)
@@ -46,7 +46,7 @@ def fold_layer(spec, t_params: dict, t_stats: dict | None, inv_std, per_channel:
         w = w * k  # broadcast over the output-channel (last) axis
         alpha = np.float32(1.0)
     if inv_std is not None:
-        w = w / np.asarray(inv_std, np.float32)[:, None]
+        w = w / along_input(np.asarray(inv_std, np.float32), w.shape)
     out = {"kernel": w.astype(np.float32), "alpha": np.asarray(alpha, np.float32),
            "beta": b.astype(np.float32)}
     if "act_alpha" in t_params:

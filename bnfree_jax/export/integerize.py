@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnfree_jax.nn.network import input_zero_point
-from bnfree_jax.nn.weights import student_codes
+from bnfree_jax.nn.weights import along_input, student_codes
 
 MULT_BITS = 30  # multipliers in [2^29, 2^30): 30 significant bits, int32-safe
 
@@ -51,8 +51,8 @@ def integerize(specs, params: dict, mean, std, image_shape, per_channel: bool) -
         p = params[spec.name]
         kernel = jnp.asarray(p["kernel"])
         if i == 0:
-            inv_std = _along_input(np.asarray([float(1.0 / s) for s in std]), kernel.shape)
-            kernel = kernel * jnp.asarray(inv_std, jnp.float32)[:, None]
+            inv_std = along_input(np.asarray([float(1.0 / s) for s in std]), kernel.shape)
+            kernel = kernel * jnp.asarray(inv_std, jnp.float32)
         codes, s_w = student_codes(kernel, spec.w_bits, per_channel)
         codes = np.asarray(codes, np.int64)
         s_w = np.broadcast_to(np.asarray(s_w, np.float64).reshape(-1), (spec.features,))
@@ -82,7 +82,7 @@ def integerize(specs, params: dict, mean, std, image_shape, per_channel: bool) -
             layer.update(output="requant_relu", a_bits=spec.a_bits)
             s_next = s_a
         if i == 0:  # padding holds pixel z: acc(p) − Σ z·w equals acc(p − z)
-            z_in = _along_input(z.astype(np.int64), codes.shape)[:, None]
+            z_in = along_input(z.astype(np.int64), codes.shape)
             bias = bias - (codes * z_in).sum(axis=tuple(range(codes.ndim - 1)))
         if np.all(M == M[0]) and np.all(sh == sh[0]):
             M, sh = M[:1], sh[:1]
@@ -94,14 +94,6 @@ def integerize(specs, params: dict, mean, std, image_shape, per_channel: bool) -
         layers.append(layer)
         s_x = s_next
     return layers, {"shape": [int(v) for v in image_shape], "pad_value": [int(v) for v in z]}
-
-
-def _along_input(per_channel: np.ndarray, kernel_shape) -> np.ndarray:
-    """Per-input-channel values along a kernel's input axis: HWIO's I as is; a dense
-    kernel reads the flattened NHWC input, whose row k = (h·W + w)·C + c is channel k mod C."""
-    if len(kernel_shape) == 2:
-        return np.tile(per_channel, kernel_shape[0] // per_channel.size)
-    return per_channel
 
 
 def _out_hw(hw, padding, k: int, stride: int, pool: int):

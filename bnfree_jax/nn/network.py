@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnfree_jax import quant
-from bnfree_jax.nn.weights import student_weight, teacher_weight
+from bnfree_jax.nn.weights import along_input, student_weight, teacher_weight
 from bnfree_jax.nn.zoo import FLOAT_BITS, LayerSpec
 
 TEACHER, STUDENT = "teacher", "student"
@@ -59,7 +59,7 @@ class Layer(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         w = kernel
         if self.inv_std is not None:
-            w = w * jnp.asarray(self.inv_std, w.dtype)[:, None]
+            w = w * jnp.asarray(along_input(self.inv_std, w.shape), w.dtype)
         if s.quantized:
             if self.role == STUDENT:
                 w, _ = student_weight(w, s.w_bits, self.per_channel)

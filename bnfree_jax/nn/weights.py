@@ -11,8 +11,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnfree_jax import quant
+
+
+def along_input(per_channel, kernel_shape) -> np.ndarray:
+    """Per-input-channel values (1/std, the input zero point) as a column [K_in, 1] that
+    scales a kernel's input axis: HWIO's I as is; a dense kernel reads the flattened NHWC
+    input, whose row k = (h·W + w)·C + c is channel k mod C."""
+    v = np.asarray(per_channel)
+    if len(kernel_shape) == 2:
+        v = np.tile(v, kernel_shape[0] // v.size)
+    return v[:, None]
 
 
 def reduce_axes(ndim: int, per_channel: bool) -> tuple[int, ...] | None:
