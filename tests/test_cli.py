@@ -185,7 +185,7 @@ def test_ctrl_c_saves_and_exits_cleanly_then_a_corrupt_checkpoint_falls_back(tmp
     wd = tmp_path / "w"
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "bnfree_jax.cli", "train-teacher", "--config", CONFIG, "--workdir", str(wd),
-            *TINY, "teacher.steps=200"]
+            *TINY, "teacher.steps=80"]
     proc = subprocess.Popen(args, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ck = wd / "checkpoints" / "teacher"
     deadline = time.time() + 300
