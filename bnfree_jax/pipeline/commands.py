@@ -15,8 +15,7 @@ from bnfree_jax.pipeline.context import is_primary, make_context
 from bnfree_jax.pipeline.distill_phase import run_distill
 from bnfree_jax.pipeline.eval_int import eval_int_command
 from bnfree_jax.pipeline.export_phase import export_student
-from bnfree_jax.pipeline.job import pin_config
-from bnfree_jax.pipeline.jsonfile import read_json
+from bnfree_jax.pipeline.job import pin_config, read_pinned
 from bnfree_jax.pipeline.ledger import Ledger
 from bnfree_jax.pipeline.lock import workdir_lock
 from bnfree_jax.pipeline.report_phase import write_report
@@ -75,11 +74,7 @@ def job_config(workdir: Path):
     """The config a workdir's job was started with."""
     import ml_collections
 
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{workdir} holds no job (no config.json); run `bnfree distill` or `bnfree run` first")
-    return ml_collections.ConfigDict(read_json(path, "it is this workdir's pinned config: restore it, "
-                                                     "or rerun `bnfree run` with --force"))
+    return ml_collections.ConfigDict(read_pinned(workdir))
 
 
 def export(workdir: Path, onnx: bool = False) -> int:

@@ -12,6 +12,14 @@ GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "rep
              "metrics.jsonl", "config.json")
 
 
+def read_pinned(workdir: Path) -> dict:
+    """The config a workdir's job was started with (its config.json), or a one-line error."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{workdir} holds no job (no config.json); run `bnfree distill` or `bnfree run` first")
+    return read_json(path, "it is this workdir's pinned config: restore it, or use --force to start over")
+
+
 def pin_config(config, workdir: Path, force: bool = False) -> None:
     """Write workdir/config.json, or check the existing one matches (`force` starts over).
 
@@ -34,7 +42,7 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
     path = workdir / "config.json"
     new = to_dict(config)
     if path.exists() and (not force or not primary):
-        old = read_json(path, "it is this workdir's pinned config: restore it, or use --force to start over")
+        old = read_pinned(workdir)
         diff = changed_keys(old, new)
         if diff:
             raise ConfigError(f"workdir {workdir} was started with a different config "
