@@ -14,7 +14,7 @@ import numpy as np
 
 from bnfree_jax.config_io import to_dict
 from bnfree_jax.distill.ptl import final_student
-from bnfree_jax.export.artifact import MANIFEST_FILE, TENSORS_FILE, write_artifact
+from bnfree_jax.export.artifact import MANIFEST_FILE, TENSORS_FILE, write_artifact, write_manifest
 from bnfree_jax.export.simulate import int_sim_batched
 from bnfree_jax.export.integerize import integerize
 from bnfree_jax.nn.network import STUDENT
@@ -70,7 +70,7 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
     fq = batched_outputs(lambda p, x: net.apply({"params": p}, x), params, images)
     sim = int_sim_batched(layers, input_spec, images)
     config = to_dict(ctx.config)
-    write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics={})
+    unverified = write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics={})
     art = intsim.load_artifact(out_dir)
     logits, acc_max = intsim.run_int_with_stats(art, images, batch_size=1000)  # one interpreter pass
     logits = np.asarray(logits)
@@ -89,7 +89,7 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
         "max_abs_acc": {layer.name: int(v) for layer, v in zip(art.layers, np.asarray(acc_max))},
         "min_accumulator_headroom_bits": min(b["headroom_bits"] for b in intsim.overflow_bounds(art)),
     }
-    manifest = write_artifact(out_dir, layers=layers, input_spec=input_spec, config=config, metrics=metrics)
+    manifest = write_manifest(out_dir, {**unverified, "metrics": metrics})  # the tensors stay as written
     ledger.mark_done(key, seconds=round(time.time() - t0, 2), sha256=artifact_hashes(out_dir), **metrics)
     ctx.log(f"[export] int top-1 {metrics['student_int_top1']:.4f}  fake-quant {metrics['student_fakequant_top1']:.4f}  "
             f"agreement {metrics['int_argmax_agreement']:.4f}  bit-exact {metrics['int_sim_bit_exact']}  "
