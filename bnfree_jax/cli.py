@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/mnist_alexnet.py",
@@ -83,9 +83,9 @@ def dispatch(args) -> int:
     if args.command == "eval-int":
         return commands.eval_int(args)
     if args.command == "export":
-        return commands.export(Path(args.workdir), onnx=args.onnx)
+        return commands.export(args.workdir, onnx=args.onnx)
     config = commands.load_config(args.config, args.overrides)
-    return getattr(commands, args.command.replace("-", "_"))(config, Path(args.workdir), args)
+    return getattr(commands, args.command.replace("-", "_"))(config, args.workdir, args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

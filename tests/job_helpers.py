@@ -24,7 +24,8 @@ def env() -> dict:
 
 
 def bnfree(*args, env_extra=None, **kw):
-    return subprocess.run([sys.executable, "-m", "bnfree_jax.cli", *args], cwd=ROOT,
+    kw.setdefault("cwd", ROOT)
+    return subprocess.run([sys.executable, "-m", "bnfree_jax.cli", *args],
                           env={**env(), **(env_extra or {})}, capture_output=True, text=True, **kw)
 
 

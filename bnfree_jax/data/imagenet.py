@@ -48,6 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bnfree_jax.data.info import resolve_data_dir
+from bnfree_jax.storage import is_remote, local_cache_dir, sync_tree
 
 NAME = "imagenet2012"
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
@@ -525,6 +526,13 @@ def prepare_imagenet(source, data_dir=None, *, resize: int | None = None,
         raise ValueError(f"--workers must be at least 1, got {workers}")
     resize = None if resize is None else int(resize)
     root = resolve_data_dir(data_dir)
+    if is_remote(root):  # written on this disk (shards resume here), then uploaded
+        summary = prepare_imagenet(source, local_cache_dir("data", root), resize=resize, workers=workers,
+                                   val_labels=val_labels, shard_size=shard_size, progress=progress)
+        summary["uploaded"] = sync_tree(pathlib.Path(summary["data_dir"]) / NAME, root / NAME,
+                                        log=lambda m: print(m, flush=True) if progress else None)
+        summary["data_dir"] = str(root)
+        return summary
     builder = _builder(root)
     version_dir = pathlib.Path(builder.data_dir)
     plan = list_source(source, val_labels, list(builder.info.features["label"].names))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
+
+from bnfree_jax.storage import Path, as_path
 
 DEFAULT_IMAGENET_SIZE = 224
 
@@ -65,14 +66,12 @@ def _check_native(name: str, image_size: int | None, native: int) -> None:
                          "is not supported (only ImageNet is resized)")
 
 
-def default_data_dir() -> pathlib.Path:
+def default_data_dir() -> Path:
     """`$TFDS_DATA_DIR` if set, else `~/.cache/bnfree_jax/tensorflow_datasets`."""
     env = os.environ.get("TFDS_DATA_DIR")
-    if env:
-        return pathlib.Path(env).expanduser()
-    return pathlib.Path.home() / ".cache" / "bnfree_jax" / "tensorflow_datasets"
+    return as_path(env or "~/.cache/bnfree_jax/tensorflow_datasets")
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
-    """`data_dir` as a path, or the default data dir when None/empty."""
-    return default_data_dir() if not data_dir else pathlib.Path(data_dir).expanduser()
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """`data_dir` as a path (local or a bucket), or the default data dir when None/empty."""
+    return default_data_dir() if not data_dir else as_path(data_dir)

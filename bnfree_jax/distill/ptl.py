@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from contextlib import closing
-from pathlib import Path
 from typing import Callable, Optional
 
 import jax
@@ -25,6 +24,7 @@ from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_lo
                                        make_tandem_loss, own_layer_error, tandem_roles, tandem_variables)
 from bnfree_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from bnfree_jax.nn.network import STUDENT, TEACHER
+from bnfree_jax.storage import Path, as_path
 from bnfree_jax.train.checkpoint import Checkpointer
 from bnfree_jax.train.evaluate import evaluate_top1
 from bnfree_jax.train.phase import resume
@@ -141,7 +141,7 @@ def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, var
     out, prev_state = [], None
     for k, stage in enumerate(plan):
         key = f"{variant}/{stage.name}"
-        saved_dir = Path(out_dir) / stage.name
+        saved_dir = as_path(out_dir) / stage.name
         if records.done(key):
             saved = load_variables(saved_dir, {"S": trees.S, "T": trees.T})
             trees = Trees(S=saved["S"], T=saved["T"], Tbs=trees.Tbs, teacher=trees.teacher)
@@ -149,11 +149,11 @@ def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, var
             prev_state = None
             continue
         if prev_state is None and k > 0 and plan[k - 1].steps > 0:
-            prev_state = _final_state(env, plan[k - 1], trees, Path(ckpt_dir) / plan[k - 1].name)
+            prev_state = _final_state(env, plan[k - 1], trees, as_path(ckpt_dir) / plan[k - 1].name)
         t0 = time.time()
         trees, prev_state, extra = run_stage(
             env, stage, trees, stage_loss(env, stage, student_net, teacher_net), _optim(env, stage),
-            Path(ckpt_dir) / stage.name, prev=prev_state, cache=teacher_cache,
+            as_path(ckpt_dir) / stage.name, prev=prev_state, cache=teacher_cache,
             fit=_stage_fit(env, plan, k, student_net, teacher_net, probe))
         metrics = stage_metrics(env, stage, trees, teacher_net, probe)
         if stage.kind == "tandem":
@@ -187,7 +187,7 @@ def final_student(nets, ptl_cfg, out_dir: Path) -> Optional[dict]:
     """The student after the last stage of the plan saved under `out_dir` (params only),
     or None when that stage has not finished."""
     last = build_stage_plan(ptl_cfg, nets.layer_names)[-1].name
-    path = Path(out_dir) / last
+    path = as_path(out_dir) / last
     if not path.exists():
         return None
     x = jnp.zeros((1, *nets.image_shape), jnp.uint8)

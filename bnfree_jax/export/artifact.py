@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from bnfree_jax.export.packing import check_codes, pack_codes
+from bnfree_jax.storage import as_path, write_bytes_atomic
 
 FORMAT = "bnfree-int-artifact"
 FORMAT_VERSION = 1
@@ -140,8 +140,7 @@ def write_manifest(out_dir, manifest: dict) -> dict:
     """(Re)write `out_dir/manifest.json` sealed with its own sha256; return it as read back.
     The one way to change a manifest (e.g. its metrics) that the loader will still accept."""
     blob = sealed_manifest_bytes(manifest)
-    with open(os.path.join(out_dir, MANIFEST_FILE), "wb") as fh:
-        fh.write(blob)
+    write_bytes_atomic(as_path(out_dir) / MANIFEST_FILE, blob)
     return json.loads(blob)
 
 
@@ -197,12 +196,11 @@ def write_artifact(out_dir, *, layers, input_spec, config, metrics, format_versi
         graph.append(entry)
         max_x = 2**a_bits - 1 if out == "requant_relu" else 1
 
-    os.makedirs(out_dir, exist_ok=True)
-    tpath = os.path.join(out_dir, TENSORS_FILE)
-    save_file(tensors, tpath)
-    with open(tpath, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    nbytes = os.path.getsize(tpath)
+    out_dir = as_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blob = safetensors_bytes(tensors)
+    write_bytes_atomic(out_dir / TENSORS_FILE, blob)
+    digest, nbytes = hashlib.sha256(blob).hexdigest(), len(blob)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "tensors_file": TENSORS_FILE, "tensors_sha256": digest,

@@ -19,6 +19,7 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 
 from bnfree_jax.export.packing import unpack_codes
 
@@ -38,12 +39,12 @@ def read_artifact(artifact_dir) -> tuple[dict, dict]:
     """(manifest, tensors) after the format, version and sha256 checks."""
     from safetensors.numpy import load
 
-    with open(os.path.join(artifact_dir, "manifest.json")) as fh:
+    with epath.Path(artifact_dir, "manifest.json").open() as fh:
         manifest = json.load(fh)
     if manifest.get("format") != "bnfree-int-artifact" or manifest.get("format_version") != 1:
         raise ValueError(f"{artifact_dir}: not a version-1 bnfree integer artifact "
                          f"({manifest.get('format')!r} v{manifest.get('format_version')!r})")
-    with open(os.path.join(artifact_dir, manifest["tensors_file"]), "rb") as fh:
+    with epath.Path(artifact_dir, manifest["tensors_file"]).open("rb") as fh:
         raw = fh.read()
     if hashlib.sha256(raw).hexdigest() != manifest["tensors_sha256"]:
         raise ValueError(f"{artifact_dir}: tensors file does not match the manifest's sha256")
@@ -197,5 +198,6 @@ def artifact_to_model(artifact_dir):
 def artifact_to_onnx(artifact_dir, out_path):
     """Write the integer ONNX graph of `artifact_dir` to `out_path`; return the ModelProto."""
     model = artifact_to_model(artifact_dir)
-    _onnx().save(model, str(out_path))
+    with epath.Path(out_path).open("wb") as fh:
+        _onnx().save(model, fh)
     return model

@@ -18,6 +18,7 @@ import re
 
 import jax
 import numpy as np
+from etils import epath
 
 from bnfree_jax.intsim.loader import KINDS, OUTPUT_OPS, ArtifactError
 
@@ -86,8 +87,9 @@ def denotes_normalisation(text: str) -> bool:
 
 def _safetensors_header(path: str) -> dict:
     """The JSON header of a safetensors file (u64 little-endian length, then JSON), unparsed data."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
+    path = epath.Path(path)
+    size = path.stat().length
+    with path.open("rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         if size < 8 or not 0 < n <= size - 8:
             raise ArtifactError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
@@ -153,8 +155,7 @@ def audit_artifact(path) -> dict:
     Every count of a sound artifact is 0; a file that cannot be read is an ArtifactError."""
     path = os.fspath(path)
     try:
-        with open(os.path.join(path, "manifest.json"), "rb") as fh:
-            manifest = json.loads(fh.read())
+        manifest = json.loads(epath.Path(path, "manifest.json").read_bytes())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path}: cannot read manifest.json: {err}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
@@ -162,7 +163,7 @@ def audit_artifact(path) -> dict:
     tname = manifest.get("tensors_file", "model.safetensors")
     if not isinstance(tname, str) or os.path.basename(tname) != tname:
         raise ArtifactError(f"{path}: bad tensors_file {tname!r}")
-    header = _safetensors_header(os.path.join(path, tname))
+    header = _safetensors_header(epath.Path(path, tname))
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     found = {k: [] for k in ("float_tensors", "float_params", "non_integer_ops", "normalisation", "unused_tensors")}
     used = set()

@@ -17,6 +17,7 @@ import os
 import re
 
 import numpy as np
+from etils import epath
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 
@@ -132,10 +133,9 @@ def manifest_digest(blob: bytes) -> tuple[str, str]:
 
 def _read_manifest(path: str) -> dict:
     """Parse manifest.json; check format, version, its self-hash and its top-level fields."""
-    mpath = os.path.join(path, "manifest.json")
-    _need(os.path.isfile(mpath), f"no manifest.json in {path}")
-    with open(mpath, "rb") as fh:
-        blob = fh.read()
+    mpath = epath.Path(path, "manifest.json")
+    _need(mpath.is_file(), f"no manifest.json in {path}")
+    blob = mpath.read_bytes()
     try:
         manifest = json.loads(blob)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -174,13 +174,12 @@ def _read_tensors(path: str, manifest: dict) -> tuple[dict, int]:
     """(tensors, file size): sha256 checked before parsing; names/dtypes/shapes == manifest."""
     tname = manifest["tensors_file"]
     _need(isinstance(tname, str) and tname and os.path.basename(tname) == tname, f"bad tensors_file {_show(tname)}")
-    tpath = os.path.join(path, tname)
-    _need(os.path.isfile(tpath), f"tensors file {tname} is missing")
+    tpath = epath.Path(path, tname)
+    _need(tpath.is_file(), f"tensors file {tname} is missing")
     want = manifest["tensors_sha256"]
     _need(isinstance(want, str) and re.fullmatch("[0-9a-f]{64}", want) is not None,
           f"manifest field 'tensors_sha256' must be 64 lowercase hex digits, got {_show(want)}")
-    with open(tpath, "rb") as fh:
-        blob = fh.read()
+    blob = tpath.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     _need(digest == want, f"sha256 of {tname} is {digest}, manifest says {want} (file altered)")
     try:

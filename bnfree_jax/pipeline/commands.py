@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from pathlib import Path
 
 from rich.console import Console
 
@@ -24,6 +23,7 @@ from bnfree_jax.pipeline.teacher import run_teacher_phases
 from bnfree_jax.pipeline.validate import load_valid_config as load_config
 from bnfree_jax.pipeline.validate import validate_config
 from bnfree_jax.report.results_table import results_table
+from bnfree_jax.storage import Path, as_path
 from bnfree_jax.train.distributed import barrier
 
 console = Console(stderr=True)
@@ -39,6 +39,7 @@ def open_job(config, workdir: Path, force: bool, command: str):
     devices, another run holding the workdir, a changed config) does so before anything
     is written; the workdir stays locked until the command ends."""
     validate_config(config)
+    workdir = as_path(workdir)
     ctx = make_context(config, workdir, log=_log)
     with workdir_lock(workdir, command, primary=is_primary(), log=_log):
         pin_config(config, workdir, force)
@@ -83,12 +84,13 @@ def export(workdir: Path, onnx: bool = False) -> int:
         if not ledger.done("student"):
             raise ConfigError(f"{workdir}: distillation has not finished; run `bnfree distill` first")
         manifest = export_student(ctx, ledger)
-    out = {"artifact": str(Path(workdir) / "export"), **manifest.get("metrics", {})}
+    art = as_path(workdir) / "export"
+    out = {"artifact": str(art), **manifest.get("metrics", {})}
     if onnx:
         from bnfree_jax.export.onnx_export import artifact_to_onnx
 
-        artifact_to_onnx(Path(workdir) / "export", Path(workdir) / "export" / "model.onnx")
-        out["onnx"] = str(Path(workdir) / "export" / "model.onnx")
+        artifact_to_onnx(art, art / "model.onnx")
+        out["onnx"] = str(art / "model.onnx")
     print(json.dumps(out))
     return 0
 

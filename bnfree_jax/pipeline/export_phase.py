@@ -5,10 +5,8 @@ artifact whose files changed since export is exported again."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -18,15 +16,8 @@ from bnfree_jax.export.artifact import MANIFEST_FILE, TENSORS_FILE, write_artifa
 from bnfree_jax.export.simulate import int_sim_batched
 from bnfree_jax.export.integerize import integerize
 from bnfree_jax.nn.network import STUDENT
+from bnfree_jax.storage import Path, as_path, file_sha256
 from bnfree_jax.train.evaluate import batched_outputs
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def artifact_hashes(out_dir: Path) -> dict:
@@ -54,7 +45,7 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
     `key` names the ledger entry, so baselines export beside the main student."""
     from bnfree_jax import intsim
 
-    out_dir = Path(out_dir or ctx.workdir / "export")
+    out_dir = as_path(out_dir or ctx.workdir / "export")
     if _still_exported(ctx, ledger, key, out_dir):
         return json.loads((out_dir / MANIFEST_FILE).read_text())
     t0 = time.time()

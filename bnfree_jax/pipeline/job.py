@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 from bnfree_jax.config_io import ConfigError, changed_keys, to_dict
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
+from bnfree_jax.storage import Path, as_path, remove
 
 GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "report", "phases.json",
              "metrics.jsonl", "config.json")
@@ -14,7 +12,7 @@ GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "rep
 
 def read_pinned(workdir: Path) -> dict:
     """The config a workdir's job was started with (its config.json), or a one-line error."""
-    path = Path(workdir) / "config.json"
+    path = as_path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{workdir} holds no job (no config.json); run `bnfree distill` or `bnfree run` first")
     return read_json(path, "it is this workdir's pinned config: restore it, or use --force to start over")
@@ -29,7 +27,7 @@ def pin_config(config, workdir: Path, force: bool = False) -> None:
 
     from bnfree_jax.train.distributed import primary_first
 
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     primary_first(lambda: _pin(config, workdir, force, primary=jax.process_index() == 0),
                   "bnfree_pin_config")
 
@@ -52,11 +50,7 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
         return
     if force:
         for name in GENERATED:
-            p = workdir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            remove(workdir / name)
     try:  # atomic: a crash mid-write never leaves a truncated config
         write_json(path, new, indent=1, sort_keys=True)
     except OSError as e:

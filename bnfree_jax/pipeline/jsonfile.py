@@ -4,14 +4,14 @@ crash never leaves half a file, read with a one-line error naming the file and t
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
+
+from bnfree_jax.storage import as_path, write_text_atomic
 
 
 def read_json(path, remedy: str, kind: type | None = dict) -> Any:
     """The parsed file; a truncated, garbage or wrong-typed one is a ValueError naming it."""
-    path = Path(path)
+    path = as_path(path)
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -22,8 +22,5 @@ def read_json(path, remedy: str, kind: type | None = dict) -> Any:
 
 
 def write_json(path, value: Any, **dump_kw) -> None:
-    """Write through a temporary file and a rename (atomic on POSIX)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, **dump_kw))
-    os.replace(tmp, path)
+    """Write whole or not at all (a rename locally, one upload to a bucket)."""
+    write_text_atomic(path, json.dumps(value, **dump_kw))

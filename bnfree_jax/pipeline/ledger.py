@@ -3,18 +3,18 @@ seconds, so a rerun skips them. Process 0 writes it, atomically."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 from bnfree_jax.pipeline.errors import raise_if_stopped
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
+from bnfree_jax.storage import Path, as_path
 
 REMEDY = "restore it, or rerun with --force to start the job over"
 
 
 class Ledger:
     def __init__(self, workdir: Path):
-        self.path = Path(workdir) / "phases.json"
+        self.path = as_path(workdir) / "phases.json"
         self.data: dict[str, Any] = read_json(self.path, REMEDY) if self.path.exists() else {}
         bad = [k for k, v in self.data.items() if not isinstance(v, dict)]
         if bad:

@@ -9,6 +9,12 @@ them; flock alone decides, also when the holder is on another host sharing the
 filesystem, where its PID cannot be checked.  The record is cleared on release, so one
 that is left names a holder that was killed, and is taken over.
 
+A workdir in a bucket (``gs://…``) cannot be flocked: its lock is the same flock on a file
+of this host's cache standing for that URL (``storage.local_cache_dir``), and the holder's
+record is also written to WORKDIR/.lock in the bucket, so a job started on another host
+that finds a record it did not clear says who holds it (it cannot tell a live holder from
+a killed one there, so it warns rather than refuses).
+
 A multi-process job takes one lock, on process 0 (``primary``); the others take nothing.
 Nested use in one thread on the same workdir is the same job: the inner one takes
 nothing and the outer one keeps the lock until it exits.  Another thread is refused, as
@@ -26,8 +32,9 @@ import os
 import socket
 import sys
 import threading
-from pathlib import Path
 from typing import Callable, Iterator
+
+from bnfree_jax.storage import Path, as_path, is_remote, local_cache_dir
 
 LOCK_NAME = ".lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # the filesystem cannot lock
@@ -79,9 +86,11 @@ def _holder(rec: dict | None) -> str:
 
 
 def _open_lock_file(workdir: Path) -> int:
+    here = local_cache_dir("locks", workdir) if is_remote(workdir) else workdir
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        return os.open(workdir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        here.mkdir(parents=True, exist_ok=True)
+        return os.open(here / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise ValueError(f"workdir {workdir} cannot be created or written: {e.strerror or e}") from None
 
@@ -102,13 +111,29 @@ def _take(fd: int, workdir: Path, command: str, log: Callable[[str], None]) -> b
     left = _read_record(fd)
     if left is not None:
         log(f"workdir {workdir}: taking over the lock left by {_holder(left)}, which is gone")
+    record = _record(command)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, _record(command), 0)
+        os.pwrite(fd, record, 0)
         os.fsync(fd)
     except OSError as e:
         raise ValueError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+    if is_remote(workdir):
+        _post_remote_record(workdir, record, log)
     return True
+
+
+def _post_remote_record(workdir: Path, record: bytes, log: Callable[[str], None]) -> None:
+    """Name this holder in the bucket; warn about a record left by a job on another host."""
+    path = workdir / LOCK_NAME
+    try:
+        left = json.loads(path.read_bytes()) if path.exists() else None
+    except ValueError:
+        left = None
+    if isinstance(left, dict) and left.get("host") != socket.gethostname():
+        log(f"warning: workdir {workdir} names {_holder(left)} as its holder; this host cannot "
+            "check that job: if it is still running, stop this one")
+    path.write_bytes(record)
 
 
 @contextlib.contextmanager
@@ -122,7 +147,7 @@ def workdir_lock(workdir, command: str, primary: bool = True,
     if not primary:
         yield
         return
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     fd = _open_lock_file(workdir)
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)
@@ -146,4 +171,7 @@ def workdir_lock(workdir, command: str, primary: bool = True,
             if locked:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)  # a cleared record: released in order, nothing to take over
+                if is_remote(workdir):
+                    with contextlib.suppress(OSError):
+                        (workdir / LOCK_NAME).unlink()
             os.close(fd)  # closing the only descriptor drops the flock

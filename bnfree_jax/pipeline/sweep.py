@@ -8,9 +8,7 @@ DIR/sweep/results.json (a rerun skips finished rows); DIR/sweep/table.md is the 
 from __future__ import annotations
 
 import copy
-import shutil
 import time
-from pathlib import Path
 
 from bnfree_jax.pipeline.context import make_context
 from bnfree_jax.pipeline.distill_phase import baseline_student, run_distill
@@ -21,6 +19,7 @@ from bnfree_jax.pipeline.ledger import Ledger
 from bnfree_jax.pipeline.teacher import run_teacher_phases
 from bnfree_jax.pipeline.validate import validate_config
 from bnfree_jax.report.results_table import results_table
+from bnfree_jax.storage import Path, as_path, copy_tree
 
 
 def _sub_config(config, bits: str, requant: str, seed: int):
@@ -38,12 +37,12 @@ def _share_teacher(src: Path, dst: Path) -> None:
     """Copy a finished float teacher into a sub-job (same seed, same float network)."""
     if (dst / "teacher" / "variables").exists():
         return
-    shutil.copytree(src / "teacher" / "variables", dst / "teacher" / "variables")
+    copy_tree(src / "teacher" / "variables", dst / "teacher" / "variables")
     Ledger(dst).mark_done("teacher", **{k: v for k, v in Ledger(src).get("teacher").items() if k != "done"})
 
 
 def run_sweep(config, workdir: Path, log=print) -> list[dict]:
-    out = Path(workdir) / "sweep"
+    out = as_path(workdir) / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     rows = read_json(path, "it holds the finished rows of this sweep: restore it or delete it", list) \
@@ -55,7 +54,7 @@ def run_sweep(config, workdir: Path, log=print) -> list[dict]:
             for requant in config.sweep.requant:
                 c = _sub_config(config, bits, requant, seed)
                 validate_config(c)
-                sub = Path(workdir) / f"{bits}_{requant}_s{seed}"
+                sub = as_path(workdir) / f"{bits}_{requant}_s{seed}"
                 ctx = make_context(c, sub, log=log)
                 pin_config(c, sub)
                 if seed in first:

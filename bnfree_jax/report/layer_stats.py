@@ -7,11 +7,13 @@ report never runs a network."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from bnfree_jax.storage import as_path, write_bytes_atomic, write_text_atomic
 
 JSON_FILE, NPZ_FILE = "layer_stats.json", "layer_stats.npz"
 
@@ -43,28 +45,30 @@ class LayerStats:
 
 
 def save_layer_stats(stats: LayerStats, out_dir) -> None:
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for i, (ws, s, t) in enumerate(zip(stats.weight_scale, stats.student_pre, stats.teacher_pre)):
         for key, v in (("weight_scale", ws), ("student_pre", s), ("teacher_pre", t)):
             if v is not None:
                 arrays[f"{key}/{i}"] = np.asarray(v)
-    np.savez(out_dir / NPZ_FILE, **arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(out_dir / NPZ_FILE, buf.getvalue())
     meta = {"names": stats.names, "specs": [dataclasses.asdict(s) for s in stats.specs],
             "act_scale": stats.act_scale, "act_alpha": stats.act_alpha, "clip_ratio": stats.clip_ratio,
             "n_probe": stats.n_probe}
-    (out_dir / JSON_FILE).write_text(json.dumps(meta, indent=1))
+    write_text_atomic(out_dir / JSON_FILE, json.dumps(meta, indent=1))
 
 
 def load_layer_stats(out_dir) -> Optional[LayerStats]:
     """The saved statistics, or None when the job wrote none (no final student)."""
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     if not (out_dir / JSON_FILE).exists():
         return None
     meta = json.loads((out_dir / JSON_FILE).read_text())
     n = len(meta["names"])
-    with np.load(out_dir / NPZ_FILE, allow_pickle=False) as z:
+    with np.load(io.BytesIO((out_dir / NPZ_FILE).read_bytes()), allow_pickle=False) as z:
         get = lambda key: [z[f"{key}/{i}"] if f"{key}/{i}" in z.files else None for i in range(n)]
         weight_scale, student_pre, teacher_pre = get("weight_scale"), get("student_pre"), get("teacher_pre")
     return LayerStats(names=meta["names"], specs=[LayerInfo(**s) for s in meta["specs"]],

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from bnfree_jax.storage import Path, as_path
 
 
 DPI = 110
@@ -28,9 +29,14 @@ def _figure(w: float, h: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    return _write(fig, path)
+
+
+def _write(fig: Figure, path) -> Path:
+    path = as_path(path)
+    with path.open("wb") as fh:  # a file object, so a bucket path works too
+        fig.savefig(fh, format="png", dpi=DPI)
     return path
 
 
@@ -182,8 +188,7 @@ def plot_histograms(stats, path: Path, ncols: int = 4) -> Optional[Path]:
     fig.suptitle(f"pre-activation distributions on {stats.n_probe} test images (central 99.8 %)",
                  fontsize=11, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=DPI)
-    return Path(path)
+    return _write(fig, path)
 
 
 def plot_layer_loss(stages: list, path: Path) -> Optional[Path]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+
+from bnfree_jax.storage import as_path
 
 # Ledger entries that are whole phases of a job, in the order they run.
 PHASES = ("teacher", "qat", "student", "export", "report")
@@ -26,7 +27,7 @@ def phase_seconds(ledger: dict) -> dict:
 
 
 def build_summary(workdir, *, wall_seconds: float, float_params_bytes: int) -> dict:
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     c = json.loads((workdir / "config.json").read_text())
     ledger = json.loads((workdir / "phases.json").read_text()) if (workdir / "phases.json").exists() else {}
     m = c["model"]
@@ -46,7 +47,7 @@ def build_summary(workdir, *, wall_seconds: float, float_params_bytes: int) -> d
         "int_sim_bit_exact": bool(ex.get("int_sim_bit_exact", False)),
         "interpreter_float_ops": int(ex.get("interpreter_float_ops", -1)),
         "bn_ops_in_artifact": int(ex.get("bn_ops_in_artifact", -1)),
-        "artifact_bytes": tensors.stat().st_size if tensors.exists() else None,
+        "artifact_bytes": tensors.stat().length if tensors.exists() else None,
         "float_params_bytes": int(float_params_bytes),
         "min_accumulator_headroom_bits": ex.get("min_accumulator_headroom_bits"),
         "wall_seconds": round(float(wall_seconds), 1),

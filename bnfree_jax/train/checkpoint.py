@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from bnfree_jax.storage import as_path, move
 from bnfree_jax.train.distributed import barrier
 from bnfree_jax.train.mesh import replicated
 
@@ -103,7 +104,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3,
                  async_save: bool = True, log: Callable[[str], None] | None = None):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = as_path(directory)
         self.log = log or _default_log
         self.save_every = max(int(save_every), 1)
         # The interval is ours (orbax would also save the very first step it sees).
@@ -187,13 +188,13 @@ class Checkpointer:
         """Rename unreadable step directories so the run can save those steps again."""
         if jax.process_index() == 0:
             for step in steps:
-                src = os.path.join(self.directory, str(step))
-                if os.path.isdir(src):
-                    dst, n = src + ".corrupt", 0
-                    while os.path.exists(dst):
+                src = self.directory / str(step)
+                if src.is_dir():
+                    dst, n = src.with_name(f"{step}.corrupt"), 0
+                    while dst.exists():
                         n += 1
-                        dst = f"{src}.corrupt{n}"
-                    os.rename(src, dst)
+                        dst = src.with_name(f"{step}.corrupt{n}")
+                    move(src, dst)
         barrier("bnfree_checkpoint_quarantine")
         self._mgr.reload()
 

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from bnfree_jax.storage import append_text
 from bnfree_jax.train.checkpoint import (Checkpointer, PreemptionGuard, post_preemption_notice,
                                          preemption_guard, preemption_sync_available)
 from bnfree_jax.train.mesh import shard_batch
@@ -151,8 +152,6 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
         return state
     it: Iterator[dict] = iter(batches)
     write = metrics_path is not None and jax.process_index() == 0
-    if write:
-        os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
     bar = _Progress(progress, phase, start, num_steps)
     t0, t0_step = time.perf_counter(), start
     pending: tuple[int, dict] | None = None
@@ -172,8 +171,7 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
         rate = (step - t0_step) / max(time.perf_counter() - t0, 1e-9)
         bar.update(step, record["loss"], rate)
         if write and (step % max(log_every, 1) == 0 or step == num_steps):
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(metrics_path, json.dumps(record) + "\n")
 
     def save(step: int, force: bool) -> None:
         meta = dict(extra or {}, phase=phase)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import orbax.checkpoint as ocp
 
+from bnfree_jax.storage import Path, as_path
+
 
 def save_variables(path: Path, variables) -> None:
-    path = Path(path).absolute()
+    path = as_path(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, jax.device_get(variables), force=True)
 
 
 def load_variables(path: Path, like=None):
     """Load variables saved by `save_variables`; `like` (a tree of arrays) fixes structure/dtypes."""
-    path = Path(path).absolute()
+    path = as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no saved variables at {path}")
     with ocp.StandardCheckpointer() as ckptr:
