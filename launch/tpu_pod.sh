@@ -13,8 +13,8 @@
 #   copy     (not with --skip-setup) this checkout to ~/bnfree on every worker;
 #   install  (not with --skip-setup) `bash launch/setup.sh --accelerator tpu ~/bnfree/.venv`:
 #            a Python >= 3.11 venv with TPU JAX (the VM image's own Python is 3.10);
-#   mount    BUCKET with gcsfuse on every worker (all hosts must share the workdir: orbax
-#            writes one checkpoint from all of them);
+#   mount    BUCKET with gcsfuse on every worker, for the supervisors' exit-status files
+#            only (the job itself reads and writes gs:// paths directly);
 #   start    on every worker, detached (setsid nohup: the job outlives the ssh session and
 #            this launcher), a supervisor running `bnfree --distributed ...` with its output
 #            appended to ~/bnfree/logs/worker-N.log (N: the worker number).
@@ -23,11 +23,11 @@
 # it stops its own job (SIGTERM, SIGKILL after BNFREE_GRACE seconds), so one failing worker
 # ends the whole job within seconds instead of leaving the others blocked in a collective.
 # Your key=value overrides are passed through as given; the launcher adds
-# `--workdir $MOUNT/bnfree/$RUN` and data.data_dir=$MOUNT/tensorflow_datasets after them
-# (not data.data_dir when you give one).  A rerun of the same command resumes from the
-# workdir's checkpoints.  The data and the workdir live in the bucket:
-#   data:    gs://BUCKET/tensorflow_datasets  (= $MOUNT/tensorflow_datasets on the VMs)
-#   workdir: gs://BUCKET/bnfree/$RUN          (= $MOUNT/bnfree/$RUN)
+# `--workdir gs://BUCKET/bnfree/$RUN` and data.data_dir=gs://BUCKET/tensorflow_datasets after
+# them (not data.data_dir when you give one).  A rerun of the same command resumes from the
+# workdir's checkpoints.  Every host reads and writes the same workdir in the bucket (orbax
+# writes one checkpoint from all of them); each copies the prepared dataset to its own disk
+# once (ArrayRecord reads local files only).
 # With --dry-run it prints every command, one per line, then '#' lines saying how to follow
 # the logs, and runs nothing (no gcloud needed).
 #
@@ -113,12 +113,12 @@ done
 [[ $# -gt 0 ]] || set -- run --config configs/alexnet_imagenet.py
 for a in "$@"; do
   [[ $a == --workdir || $a == --workdir=* ]] &&
-    die "the workdir is $MOUNT/bnfree/\$RUN (set RUN=name); do not pass --workdir"
+    die "the workdir is $BUCKET/bnfree/\$RUN (set RUN=name); do not pass --workdir"
 done
 here=$(cd "$(dirname "$0")/.." && pwd)
 bucket=${BUCKET#gs://}; bucket=${bucket%%/*}
-workdir=$MOUNT/bnfree/$RUN
-data_dir=$MOUNT/tensorflow_datasets
+workdir=gs://$bucket/bnfree/$RUN
+data_dir=gs://$bucket/tensorflow_datasets
 exit_dir=$MOUNT/bnfree/launches/$RUN/$LAUNCH_ID
 tarball=/tmp/bnfree_src.tar.gz
 logs='~/bnfree/logs'                     # on each worker's own disk
@@ -152,7 +152,7 @@ worker_number="curl -sf -m 10 -H Metadata-Flavor:Google \
 http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
 start="w=\$($worker_number) || w=\$(hostname); mkdir -p $logs $exit_dir && cd ~/bnfree || exit 1; \
 setsid nohup bash launch/tpu_pod.sh --supervise \"\$w\" $exit_dir -- \
-env BNFREE_TPU=1 TFDS_DATA_DIR=$data_dir ~/bnfree/.venv/bin/python -m bnfree_jax.cli --distributed \
+env BNFREE_TPU=1 ~/bnfree/.venv/bin/python -m bnfree_jax.cli --distributed \
 $bnfree_args >> $logs/worker-\$w.log 2>&1 < /dev/null & echo \"worker \$w: started, log $logs/worker-\$w.log\""
 
 # name, then the command line (a string run by bash)

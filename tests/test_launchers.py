@@ -214,8 +214,8 @@ def test_tpu_dry_run_installs_kills_stale_starts_detached_and_passes_overrides(f
     assert words[py:py + 3] == ["~/bnfree/.venv/bin/python", "-m", "bnfree_jax.cli"]
     assert _bnfree_args(words)[:len(user)] == user  # verbatim, the launcher's words after them
     parsed = _accepted(words)
-    assert parsed.command == "run" and parsed.workdir == "/tmp/gcs/bnfree/r1"
-    assert parsed.overrides == [*USER, "data.data_dir=/tmp/gcs/tensorflow_datasets"]
+    assert parsed.command == "run" and parsed.workdir == "gs://bkt/bnfree/r1"  # the bucket itself
+    assert parsed.overrides == [*USER, "data.data_dir=gs://bkt/tensorflow_datasets"]
     assert any("tail -f ~/bnfree/logs/worker-0.log" in h and "--worker=0" in h for h in hints)
 
 
@@ -370,7 +370,7 @@ def test_tpu_start_command_run_by_a_workers_shell(fake_bin, tmp_path):
     assert argv[:3] == ["-m", "bnfree_jax.cli", "--distributed"]
     assert argv[3:3 + len(user)] == user
     parsed = cli.parse_args(argv[3:])
-    assert parsed.overrides[:len(USER)] == USER and parsed.workdir == f"{tmp_path}/gcs/bnfree/r1"
+    assert parsed.overrides[:len(USER)] == USER and parsed.workdir == "gs://bkt/bnfree/r1"
     log = (home / "bnfree" / "logs" / "worker-2.log").read_text()
     assert "tpu=1" in log and "[supervisor] worker 2" in log and "exit status 4" in log
     assert not calls.exists()
