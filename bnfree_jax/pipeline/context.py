@@ -83,7 +83,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
                  save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
                  compute_dtype=compute_dtype(config.mesh.compute_dtype))
     feed = Feed(train_source=train, eval_source=test, augment=d.augment, image_size=d.image_size or None,
-                eval_batch=d.eval_batch)
+                eval_batch=d.eval_batch, workers=d.workers, read_threads=d.read_threads, prefetch=d.prefetch)
     return Context(config=config, workdir=workdir, info=info, nets=nets, rt=rt, feed=feed)
 
 

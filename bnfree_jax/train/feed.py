@@ -19,12 +19,17 @@ class Feed:
     augment: str = "none"
     image_size: Optional[int] = None  # None: the dataset's native size
     eval_batch: int = 1000
+    workers: int = 0  # grain worker processes decoding and augmenting (0: none)
+    read_threads: int = 2  # threads reading (and, without workers, decoding) records
+    prefetch: int = 4  # batches read ahead
 
     def train_batches(self, global_batch: int, seed: int, mesh):
         """An endless, checkpointable iterator of this process's share of each batch."""
         check_batch_divisible(global_batch, mesh)
         return data_lib.train_iterator(self.train_source, global_batch=global_batch, seed=seed,
-                                       augment=self.augment, image_size=self.image_size)
+                                       augment=self.augment, image_size=self.image_size,
+                                       num_threads=self.read_threads, prefetch_batches=self.prefetch,
+                                       num_workers=self.workers)
 
     def eval_arrays(self, n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """The first `n` (default all) evaluation examples as (uint8 NHWC images, int32
