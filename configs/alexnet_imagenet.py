@@ -57,7 +57,7 @@ def get_config(arg: str = ""):
         optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),
         finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),
     )
-    c.checkpoint = dict(save_every=2000, keep=3)
+    c.checkpoint = dict(save_every=2000, keep=3, log_every=100)  # log_every: metrics fetched and written
     c.mesh = dict(compute_dtype="bfloat16", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
 
     for a in args:

@@ -73,7 +73,7 @@ BAD = [
     # data
     ("data.name", "mnist"), ("data.augment", "randaugment"), ("data.max_train_examples", -1),
     ("data.max_test_examples", -1), ("data.holdout", -1), ("data.holdout", 60000), ("data.image_size", -1),
-    ("data.workers", -1), ("data.read_threads", -1), ("data.prefetch", 0), ("data.workers", 1.5),
+    ("checkpoint.log_every", 0), ("data.workers", -1), ("data.read_threads", -1), ("data.prefetch", 0), ("data.workers", 1.5),
     ("data.image_size", 64), ("data.data_dir", None),
     # the rest
     ("checkpoint.save_every", 0), ("checkpoint.keep", 0), ("seed", -1), ("seed", 1.5),

@@ -3,10 +3,18 @@
 `Network(roles=...)` holds one `Layer` per spec, named after it, so a parameter tree is
 `{layer_name: {...}}` and the tandem network `[S_1..S_ℓ, T'_{ℓ+1}..T'_L]` is just the
 union of the student's first ℓ subtrees and the teacher's remaining ones.
+
+Inside `compute_dtype_scope(jnp.bfloat16)` (what a training step with
+`mesh.compute_dtype=bfloat16` traces its loss in) every convolution and matmul takes
+bfloat16 operands with float32 accumulation and output; parameters, BN, the
+quantizers and everything elementwise stay float32. Outside it (evaluation, export,
+the teacher cache, float32 jobs) the network computes in float32 exactly as written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -29,6 +37,64 @@ def input_zero_point(mean: Sequence[float]) -> np.ndarray:
 def normalize_input(images: jnp.ndarray, zero_point: Sequence[int]) -> jnp.ndarray:
     """uint8 pixels → (p − z)/255: an exact integer grid at scale 1/255, padded with 0 = pixel z."""
     return (images.astype(jnp.float32) - jnp.asarray(zero_point, jnp.float32)) / 255.0
+
+
+_COMPUTE_DTYPE: contextvars.ContextVar = contextvars.ContextVar("bnfree_compute_dtype", default=None)
+
+
+@contextlib.contextmanager
+def compute_dtype_scope(dtype):
+    """Networks traced inside take `dtype` operands in their convs and matmuls (None or
+    float32: float32 as written). A scope, not a network field, so that only the training
+    steps compute in bfloat16, never the evaluation and export paths of the same nets."""
+    if dtype is not None and jnp.dtype(dtype) == jnp.float32:
+        dtype = None
+    token = _COMPUTE_DTYPE.set(None if dtype is None else jnp.dtype(dtype))
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def mixed_precision(op, x, w, dtype):
+    """`op(x, w, preferred_element_type)` on `dtype` operands, float32 accumulation and
+    output. The backward takes `dtype` operands too (the cotangent cast to `dtype`, through
+    JAX's own transpose of `op`, accumulating as the backend does for `dtype`: in float32
+    on GPU and TPU): left to autodiff, it would upcast the saved operands to the float32
+    cotangent and run both backward products in float32."""
+
+    @jax.custom_vjp
+    def f(x, w):
+        return op(x.astype(dtype), w.astype(dtype), jnp.float32)
+
+    def fwd(x, w):
+        xc, wc = x.astype(dtype), w.astype(dtype)
+        return op(xc, wc, jnp.float32), (xc, wc)
+
+    def bwd(res, g):
+        xc, wc = res
+        g = g.astype(dtype)
+        (dx,) = jax.linear_transpose(lambda a: op(a, wc, None), xc)(g)
+        (dw,) = jax.linear_transpose(lambda b: op(xc, b, None), wc)(g)
+        return dx.astype(x.dtype), dw.astype(w.dtype)
+
+    f.defvjp(fwd, bwd)
+    return f(x, w)
+
+
+def linear_op(spec: LayerSpec, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """The layer's convolution or matmul, in the compute dtype of the current scope."""
+    def op(a, b, preferred):
+        if spec.kind == "conv":
+            return jax.lax.conv_general_dilated(a, b, (spec.stride, spec.stride), spec.padding,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                preferred_element_type=preferred)
+        return jnp.matmul(a, b, preferred_element_type=preferred)
+
+    dtype = _COMPUTE_DTYPE.get()
+    if dtype is None:
+        return op(x, w.astype(x.dtype), None)
+    return mixed_precision(op, x, w, dtype)
 
 
 def max_pool(x: jnp.ndarray, window: int) -> jnp.ndarray:
@@ -65,12 +131,7 @@ class Layer(nn.Module):
                 w, _ = student_weight(w, s.w_bits, self.per_channel)
             else:
                 w = teacher_weight(w, s.w_bits, self.per_channel)
-        w = w.astype(x.dtype)
-        if s.kind == "conv":
-            y = jax.lax.conv_general_dilated(
-                x, w, (s.stride, s.stride), s.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        else:
-            y = x @ w
+        y = linear_op(s, x, w)
         if self.role == STUDENT:
             alpha_shape = (s.features,) if self.per_channel else ()
             alpha = self.param("alpha", nn.initializers.ones, alpha_shape)

@@ -42,6 +42,7 @@ def maxabs_scale(w: jnp.ndarray, bits: int, per_channel: bool) -> jnp.ndarray:
     return jax.lax.stop_gradient(jnp.maximum(s, 1e-8))
 
 
+@quant.in_float32
 def student_weight(w: jnp.ndarray, bits: int, per_channel: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Fake-quantised student weights and their scale (codes = weights / scale)."""
     scale = maxabs_scale(w, bits, per_channel)
@@ -50,6 +51,7 @@ def student_weight(w: jnp.ndarray, bits: int, per_channel: bool) -> tuple[jnp.nd
     return quant.uniform_quantize(w, scale, bits, signed=True), scale
 
 
+@quant.in_float32
 def student_codes(w: jnp.ndarray, bits: int, per_channel: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Integer codes (int32) and scale of the student's weights, for export."""
     fake, scale = student_weight(w, bits, per_channel)

@@ -81,9 +81,11 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
                       requant=m.requant, act_init=m.act_init)
     rt = Runtime(mesh=mesh, log=log, metrics_path=workdir / "metrics.jsonl",
                  save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
-                 compute_dtype=compute_dtype(config.mesh.compute_dtype))
+                 compute_dtype=compute_dtype(config.mesh.compute_dtype),
+                 log_every=config.checkpoint.get("log_every", 50))
     feed = Feed(train_source=train, eval_source=test, augment=d.augment, image_size=d.image_size or None,
-                eval_batch=d.eval_batch, workers=d.workers, read_threads=d.read_threads, prefetch=d.prefetch)
+                eval_batch=d.eval_batch, workers=d.get("workers", 0), read_threads=d.get("read_threads", 2),
+                prefetch=d.get("prefetch", 4))
     return Context(config=config, workdir=workdir, info=info, nets=nets, rt=rt, feed=feed)
 
 

@@ -140,7 +140,7 @@ _SECTIONS = {
             "compensation": boolean, "layer_target": one_of(LAYER_TARGETS),
             "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
-    "checkpoint": {"save_every": STEPS, "keep": integer(1)},
+    "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS},
     "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS)},
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
               "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
@@ -150,7 +150,8 @@ SCHEMA: dict[str, Check] = flatten(_SECTIONS)
 
 # Keys the code reads with a default (an older pinned config.json may lack them).
 _OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim")
-OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform"} | {
+OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform",
+            "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep",)  # only `bnfree sweep` reads it
 

@@ -1,5 +1,6 @@
 """Quantizers (straight-through estimators as custom_vjp), QTensor, calibrators."""
 from bnfree_jax.quant.calib import METHODS, calibrate, scale_from_amax
+from bnfree_jax.quant.precision import in_float32
 from bnfree_jax.quant.qtensor import QTensor, qrange
 from bnfree_jax.quant.ste import (approx_sign, clip_ste, round_half_away,
                                   round_ste, sign_ste)
@@ -12,7 +13,7 @@ from bnfree_jax.quant.weights import (dorefa_activation, dorefa_weight,
 
 __all__ = [
     "METHODS", "QTensor", "StreamingCalibrator", "approx_sign", "calibrate",
-    "clip_ste", "dorefa_activation", "dorefa_weight", "lsq_default_grad_scale",
+    "clip_ste", "dorefa_activation", "dorefa_weight", "in_float32", "lsq_default_grad_scale",
     "lsq_quantize", "pact_quantize", "qrange", "round_half_away", "round_ste",
     "scale_from_amax", "scale_grad", "sign_ste", "sum_to_shape",
     "symmetric_weight", "uniform_quantize",

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from bnfree_jax.quant.precision import in_float32
 from bnfree_jax.quant.qtensor import QTensor, qrange
 from bnfree_jax.quant.ste import _sign, round_half_away
 
@@ -74,6 +75,7 @@ def _quantize(x, s, bits, signed, as_qtensor):
   return QTensor(codes, s, bits, signed) if as_qtensor else value
 
 
+@in_float32
 def uniform_quantize(x, scale, bits: int, signed: bool, as_qtensor: bool = False):
   """Fake-quant ``clip(round(x/scale), qmin, qmax) * scale`` (1-bit signed: sign).
 
@@ -95,6 +97,7 @@ def lsq_default_grad_scale(x, step, bits: int, signed: bool) -> float:
   return 1.0 / math.sqrt(n * qrange(bits, signed)[1])
 
 
+@in_float32
 def lsq_quantize(x, step, bits: int, signed: bool, grad_scale=None,
                  as_qtensor: bool = False):
   """Learned Step Size Quantization (Esser et al., ICLR 2020).
@@ -139,6 +142,7 @@ def _pact_bwd(qmax, res, gs):
 _pact.defvjp(_pact_fwd, _pact_bwd)
 
 
+@in_float32
 def pact_quantize(x, alpha, bits: int, as_qtensor: bool = False):
   """PACT (Choi et al. 2018): clip to [0, alpha], quantize unsigned, scale alpha/(2^b-1).
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bnfree_jax.quant.precision import in_float32
 from bnfree_jax.quant.qtensor import QTensor, qrange
 from bnfree_jax.quant.ste import _binarize, clip_ste, round_ste
 
@@ -35,6 +36,7 @@ def _binary(w, axes, as_qtensor):
   return QTensor(codes, mean_abs, 1, True) if as_qtensor else value
 
 
+@in_float32
 def dorefa_weight(w, bits: int, as_qtensor: bool = False):
   """DoReFa-Net weights. bits=1: ``sign(w) * mean|w|``, gradient identity.
 
@@ -55,6 +57,7 @@ def dorefa_weight(w, bits: int, as_qtensor: bool = False):
   return QTensor(codes, scale, bits + 1, True) if as_qtensor else codes * scale
 
 
+@in_float32
 def dorefa_activation(x, bits: int, as_qtensor: bool = False):
   """DoReFa-Net activations: ``quantize_k(clip(x, 0, 1))``, codes ``[0, 2^k-1]``.
 
@@ -67,6 +70,7 @@ def dorefa_activation(x, bits: int, as_qtensor: bool = False):
   return QTensor(codes, scale, bits, False) if as_qtensor else codes * scale
 
 
+@in_float32
 def symmetric_weight(w, bits: int, channel_axis=None, as_qtensor: bool = False):
   """The project's weight quantizer: narrow symmetric grid, zero-point 0.
 

@@ -1,10 +1,12 @@
 """The training loop: shard, step, watch the loss, log, checkpoint, stop cleanly.
 
-Metrics of step ``s`` are fetched after step ``s + 1`` has been dispatched, so
-the host never stalls the device, except at checkpoints, where everything up
-to the saved step is checked finite first: a NaN/Inf loss is never saved.
-Step numbers are the state's ``step`` after the update (1-based), the same
-numbers the checkpoints carry.
+The host never waits for a step: the next batch is placed on the devices while the
+current step runs, every loss is checked finite on the device, and metrics cross to
+the host once per ``log_every`` steps (those of step ``s`` after step ``s + 1`` has
+been dispatched) and before each checkpoint, where everything up to the saved step
+is checked finite first: a NaN/Inf loss is never saved, and is reported at the next
+fetch with the first step it appeared at.  Step numbers are the state's ``step``
+after the update (1-based), the same numbers the checkpoints carry.
 
 A stop signal makes every process of the job save the same step and raise
 ``Preempted`` (see ``_StopRule``): one process stops after the step it is running;
@@ -16,19 +18,19 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from bnfree_jax.storage import append_text
 from bnfree_jax.train.checkpoint import (Checkpointer, PreemptionGuard, post_preemption_notice,
                                          preemption_guard, preemption_sync_available)
-from bnfree_jax.train.mesh import shard_batch
+from bnfree_jax.train.mesh import replicated, shard_batch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,8 +101,52 @@ class _StopRule:
         return final and _any_process(self.guard.requested)
 
 
-def _to_host(metrics: dict) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+def _fetch(tree: Any) -> Any:
+    """The one device→host fetch of the loop (a host sync): wrapped by tests to count them."""
+    return jax.device_get(tree)
+
+
+@jax.jit
+def _watch(seen: tuple, step: jax.Array, loss: jax.Array) -> tuple:
+    """On device: (the first step whose loss was not finite, that loss), or (0, 0)."""
+    bad_step, bad_loss = seen
+    first = (bad_step == 0) & ~jnp.isfinite(loss)
+    return jnp.where(first, step, bad_step), jnp.where(first, loss, bad_loss)
+
+
+def _no_bad_step(mesh: Mesh) -> tuple:
+    """`_watch`'s starting value, made on the mesh (no host→device transfer)."""
+    return jax.jit(lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)),
+                   out_shardings=replicated(mesh))()
+
+
+class _NextBatch:
+    """The next step's batch, placed on the devices while the current step runs.
+
+    Two batches are on the devices at a time: the running step's and the next one. The
+    next is pulled only after the stop rule and the checkpoint of the current step have
+    run, so a checkpoint's data position and the step a stop signal lands on are those
+    of a loop without prefetch."""
+
+    def __init__(self, batches: Iterable[dict], mesh: Mesh, phase: str, num_steps: int):
+        self.it: Iterator[dict] = iter(batches)
+        self.mesh, self.phase, self.num_steps = mesh, phase, num_steps
+        self.placed: dict | None = None
+
+    def fill(self, step: int) -> None:
+        """Pull and place the batch of `step` (nothing past the last step)."""
+        if step > self.num_steps:
+            return
+        try:
+            local = next(self.it)
+        except StopIteration:
+            raise RuntimeError(f"batches ran out before step {step} of phase "
+                               f"'{self.phase}' (num_steps={self.num_steps})") from None
+        self.placed = shard_batch(local, self.mesh)
+
+    def take(self) -> dict:
+        batch, self.placed = self.placed, None
+        return batch
 
 
 class _Progress:
@@ -136,41 +182,50 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
              on_metrics: Callable[[dict], None] | None = None) -> Any:
     """Run ``step_fn(state, frozen, batch)`` from ``state.step`` up to ``num_steps``.
 
-    ``batches`` yields this process's local numpy batches; ``data_iterator``
-    (often the same object) provides ``get_state()`` for checkpoints.  Saves
-    every ``checkpointer.save_every`` steps and at the end (with ``extra`` plus
-    ``phase`` and the data state); writes JSON lines ``{"phase", "step",
+    ``state`` and ``frozen`` should already be on the mesh (``phase.on_mesh``): only
+    batches cross host→device here.  ``batches`` yields this process's local numpy
+    batches; ``data_iterator`` (often the same object) provides ``get_state()`` for
+    checkpoints.  Saves every ``checkpointer.save_every`` steps and at the end (with
+    ``extra`` plus ``phase`` and the data state); writes JSON lines ``{"phase", "step",
     "loss", ...}`` every ``log_every`` steps and at the end (process 0); calls
-    ``on_metrics(record)`` for every step.  Raises ``Preempted`` after saving (and
-    waiting for the save) on SIGTERM/SIGINT/SIGHUP, at the same step on every process
-    when only some of them got the signal, and ``NonFiniteLoss`` (without saving) on a
-    NaN/Inf loss.
-    Returns the final state.
+    ``on_metrics(record)`` for every record it fetches (those steps and the checkpoints').
+
+    Nothing syncs the host per step: the losses are watched on the device and the
+    metrics are fetched once per ``log_every`` steps (one step late, while the next one
+    runs) and before each checkpoint, so a NaN/Inf loss is detected at the next fetch,
+    and always before a save.  Raises ``Preempted`` after saving (and waiting for the
+    save) on SIGTERM/SIGINT/SIGHUP, at the same step on every process when only some of
+    them got the signal, and ``NonFiniteLoss`` (without saving; naming the first
+    non-finite step) on a NaN/Inf loss.  Returns the final state.
     """
     start = int(np.asarray(jax.device_get(state.step)))
     if start >= num_steps:
         return state
-    it: Iterator[dict] = iter(batches)
+    every = max(log_every, 1)
     write = metrics_path is not None and jax.process_index() == 0
     bar = _Progress(progress, phase, start, num_steps)
     t0, t0_step = time.perf_counter(), start
-    pending: tuple[int, dict] | None = None
+    feed = _NextBatch(batches, mesh, phase, num_steps)
+    seen = _no_bad_step(mesh)
+    pending: tuple[int, dict, tuple] | None = None  # (step, its metrics, `seen` after it), on device
 
     def flush() -> None:
-        """Fetch the pending step's metrics, check them, log them."""
+        """Fetch the pending step's metrics (one host sync), check the losses, log them."""
         nonlocal pending
         if pending is None:
             return
-        step, dev_metrics = pending
+        step, dev_metrics, dev_seen = pending
         pending = None
-        record = {"phase": phase, "step": step, "time": round(time.time(), 3), **_to_host(dev_metrics)}
-        if not math.isfinite(record["loss"]):
-            raise NonFiniteLoss(phase, step, record["loss"])
+        (bad_step, bad_loss), metrics = _fetch((dev_seen, dev_metrics))
+        if int(bad_step):
+            raise NonFiniteLoss(phase, int(bad_step), float(bad_loss))
+        record = {"phase": phase, "step": step, "time": round(time.time(), 3),
+                  **{k: float(np.asarray(v)) for k, v in metrics.items()}}
         if on_metrics is not None:
             on_metrics(record)
         rate = (step - t0_step) / max(time.perf_counter() - t0, 1e-9)
         bar.update(step, record["loss"], rate)
-        if write and (step % max(log_every, 1) == 0 or step == num_steps):
+        if write and (step % every == 0 or step == num_steps):
             append_text(metrics_path, json.dumps(record) + "\n")
 
     def save(step: int, force: bool) -> None:
@@ -182,26 +237,25 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
     try:
         with preemption_guard() as guard:
             should_stop = _StopRule(guard, num_steps, log_every)
+            feed.fill(start + 1)
             for step in range(start + 1, num_steps + 1):
-                try:
-                    local = next(it)
-                except StopIteration:
-                    raise RuntimeError(f"batches ran out before step {step} of phase "
-                                       f"'{phase}' (num_steps={num_steps})") from None
-                batch = shard_batch(local, mesh)
-                state, dev_metrics = step_fn(state, frozen, batch)
-                flush()  # the previous step, while this one runs
-                pending = (step, dev_metrics)
+                state, dev_metrics = step_fn(state, frozen, feed.take())
+                seen = _watch(seen, state.step, dev_metrics["loss"])
+                flush()  # a log step's metrics, one step late: while this step runs
                 stop = should_stop(step)
-                if checkpointer is not None and (stop or step == num_steps
-                                                 or checkpointer.should_save(step)):
-                    flush()
+                saving = checkpointer is not None and (stop or step == num_steps
+                                                       or checkpointer.should_save(step))
+                if saving or stop or step % every == 0 or step == num_steps:
+                    pending = (step, dev_metrics, seen)
+                if saving:
+                    flush()  # everything up to the saved step checked finite first
                     save(step, force=stop or step == num_steps)
                 if stop:
                     flush()
                     if checkpointer is not None:  # on disk before the notice period ends
                         checkpointer.wait()
                     raise Preempted(phase, step, guard.signal_name or PEER_NOTICE)
+                feed.fill(step + 1)  # placed while this step runs
             flush()
     finally:
         bar.close()

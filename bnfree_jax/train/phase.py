@@ -53,7 +53,10 @@ def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, 
     """Run `phase` to `steps` steps; returns (final state, the phase's `extra` record).
 
     `like_state` gives the state's structure (and is the fresh state when `start` is
-    None); `start() -> (state, extra)` builds a fresh phase's state and its record."""
+    None); `start() -> (state, extra)` builds a fresh phase's state and its record.
+    The state and `frozen` (what the phase does not train: the teacher, a frozen prefix,
+    frozen T' groups) are placed on the mesh once, replicated as the step expects, so
+    only batches cross host→device per step."""
     ckpt = Checkpointer(ckpt_dir, save_every=rt.save_every, keep=rt.keep, log=rt.log)
     try:
         found = resume(ckpt, like_state, rt, phase, batches)
@@ -65,13 +68,13 @@ def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, 
             state = on_mesh(state, rt.mesh)
             ckpt.save(0, state, {"phase": phase, "record": extra, "data": batches.get_state()}, force=True)
         else:
-            state, extra = like_state, {}
+            state, extra = on_mesh(like_state, rt.mesh), {}
         if steps > 0:
             step_fn = make_train_step(loss_fn, tx, rt.mesh, compute_dtype=rt.compute_dtype)
-            state = run_loop(step_fn=step_fn, state=state, frozen=frozen, batches=batches, mesh=rt.mesh,
-                             num_steps=steps, checkpointer=ckpt, data_iterator=batches,
+            state = run_loop(step_fn=step_fn, state=state, frozen=on_mesh(frozen, rt.mesh), batches=batches,
+                             mesh=rt.mesh, num_steps=steps, checkpointer=ckpt, data_iterator=batches,
                              extra={"phase": phase, "record": extra}, metrics_path=rt.metrics_path,
-                             phase=phase)
+                             phase=phase, log_every=rt.log_every)
     finally:
         ckpt.close()
         close = getattr(batches, "close", None)

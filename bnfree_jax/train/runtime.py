@@ -1,5 +1,6 @@
 """What every training run of a job shares, passed down explicitly from the job: the mesh,
-where progress and metrics go, the checkpoint policy and the compute dtype."""
+where progress and metrics go, the checkpoint policy, how often metrics are fetched and the
+compute dtype."""
 
 from __future__ import annotations
 
@@ -16,4 +17,5 @@ class Runtime:
     metrics_path: Optional[Any] = None  # metrics.jsonl (process 0 appends)
     save_every: int = 200
     keep: int = 3
+    log_every: int = 50  # metrics fetched from the devices and written every this many steps
     compute_dtype: Any = None  # None (float32) or jnp.bfloat16

@@ -19,19 +19,15 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.extend import core as jex_core
 from jax.sharding import Mesh, PartitionSpec as P
 
+from bnfree_jax.nn.network import compute_dtype_scope
 from bnfree_jax.train.mesh import DATA_AXIS
 from bnfree_jax.train.state import TrainState
 
 LossFn = Callable[[Any, Any, Any, Any, jax.Array], tuple[jax.Array, tuple[Any, dict]]]
 ApplyFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
-
-
-def _cast_floats(tree: Any, dtype) -> Any:
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
-    return jax.tree.map(cast, tree)
 
 
 def _pmean_floats(tree: Any) -> Any:
@@ -50,9 +46,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     index into the rng (distinct dropout per device), differentiates w.r.t.
     ``params`` only, averages gradients, model state, loss and metrics over
     ``'data'``, applies ``tx`` and advances ``step`` and ``rng``.  With
-    ``compute_dtype`` (e.g. ``jnp.bfloat16``) the forward sees params and float
-    batch leaves in that dtype while the master params stay in their own dtype.
-    ``metrics`` always contains ``'loss'`` (float32).
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``) the loss is traced inside
+    ``nn.network.compute_dtype_scope``: the project's networks run their convs and
+    matmuls, forward and backward, on operands of that dtype with float32
+    accumulation, while ``loss_fn`` still gets the float32 params and batch, so the
+    quantizers, BN statistics, losses and optimizer state stay float32 (casting the
+    params would change the weight codes).  ``metrics`` always contains ``'loss'``
+    (float32).
     """
 
     def per_device(state: TrainState, frozen: Any, batch: Any):
@@ -60,16 +60,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
         dev_rng = jax.random.fold_in(step_rng, lax.axis_index(DATA_AXIS))
 
         def objective(params):
-            fwd_params, fwd_batch = params, batch
-            if compute_dtype is not None:
-                fwd_params = _cast_floats(params, compute_dtype)
-                fwd_batch = _cast_floats(batch, compute_dtype)
-            loss, (new_ms, metrics) = loss_fn(fwd_params, state.model_state, frozen,
-                                              fwd_batch, dev_rng)
+            loss, (new_ms, metrics) = loss_fn(params, state.model_state, frozen, batch, dev_rng)
             return loss.astype(jnp.float32), (new_ms, metrics)
 
-        (loss, (new_ms, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params)
+        with compute_dtype_scope(compute_dtype):
+            (loss, (new_ms, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.params)
         grads = lax.pmean(grads, DATA_AXIS)
         new_ms = _pmean_floats(new_ms)
         metrics = _pmean_floats({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
@@ -109,3 +105,27 @@ def make_eval_step(apply_fn: ApplyFn, mesh: Mesh, *, image_key: str = "image",
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS)),
                            out_specs=P(), check_vma=False)
     return jax.jit(mapped)
+
+
+CONV_DOT = ("conv_general_dilated", "dot_general")
+
+
+def conv_dot_operand_dtypes(closed_jaxpr) -> list[tuple[str, tuple[str, ...]]]:
+    """(primitive, operand dtypes) of every convolution and matmul in a jaxpr, sub-jaxprs
+    included (pjit, shard_map, custom_vjp/jvp, scan, cond): what a step really multiplies
+    in, to check a compute dtype against."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in CONV_DOT:
+                found.append((eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars)))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(sub, jex_core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jex_core.Jaxpr):
+                        walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
