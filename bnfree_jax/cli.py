@@ -11,6 +11,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/mnist_alexnet.py",
                    help="ml_collections config file, optionally with an argument: FILE.py[:ARG]")
     p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics, artifact and report")
+    p.add_argument("--profile_steps", default=None, metavar="A:B",
+                   help="write a JAX profiler trace of steps A..B of each training phase to WORKDIR/profile")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.w_bits=2 ptl.stage_steps=300 (before or "
                         "after the options, in order: a later one wins)")

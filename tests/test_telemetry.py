@@ -3,6 +3,7 @@ between logged steps, and TensorBoard event files that hold them."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import jax
@@ -64,3 +65,26 @@ def test_event_files_hold_each_phases_scalars(tmp_path):
     off = telemetry.EventLog(tmp_path / "off", enabled=False)
     off.scalars("teacher", 1, {"loss": 1.0})
     assert not (tmp_path / "off").exists()
+
+
+def test_a_job_writes_each_phases_losses_to_tensorboard(tiny_job):
+    lines = [json.loads(x) for x in (tiny_job / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["phase"] for r in lines}) == 6
+    for phase in {r["phase"] for r in lines}:
+        (events,) = (tiny_job / "tensorboard" / phase).glob("events.out.tfevents.*")
+        loss = {step: value for tag, step, value in _scalars(events) if tag == "loss"}
+        for r in lines:
+            if r["phase"] == phase:  # every logged loss, as float32
+                assert loss[r["step"]] == pytest.approx(r["loss"], rel=1e-6), (phase, r["step"])
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    from job_helpers import TINY, bnfree
+
+    wd = tmp_path / "wd"
+    p = bnfree("train-teacher", "--config", "configs/mnist_alexnet.py:quick", "--workdir", str(wd),
+               "--profile_steps", "2:3", *TINY, "teacher.steps=4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list((wd / "profile" / "teacher").rglob("*.xplane.pb")), sorted(wd.rglob("*"))
+    bad = bnfree("train-teacher", "--workdir", str(tmp_path / "x"), "--profile_steps", "3:2")
+    assert bad.returncode == 2 and "A <= B" in bad.stderr.strip().splitlines()[-1]

@@ -25,6 +25,7 @@ from bnfree_jax.pipeline.validate import validate_config
 from bnfree_jax.report.results_table import results_table
 from bnfree_jax.storage import Path, as_path
 from bnfree_jax.train.distributed import barrier
+from bnfree_jax.train.telemetry import parse_profile_steps
 
 console = Console(stderr=True)
 
@@ -34,20 +35,20 @@ def _log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def open_job(config, workdir: Path, force: bool, command: str):
+def open_job(config, workdir: Path, force: bool, command: str, profile_steps: str | None = None):
     """(context, ledger) of a job. Everything that can refuse the job (config values, data,
     devices, another run holding the workdir, a changed config) does so before anything
     is written; the workdir stays locked until the command ends."""
     validate_config(config)
     workdir = as_path(workdir)
-    ctx = make_context(config, workdir, log=_log)
+    ctx = make_context(config, workdir, log=_log, profile_steps=parse_profile_steps(profile_steps))
     with workdir_lock(workdir, command, primary=is_primary(), log=_log):
         pin_config(config, workdir, force)
         yield ctx, Ledger(workdir)
 
 
 def train_teacher(config, workdir: Path, args) -> int:
-    with open_job(config, workdir, args.force, "bnfree train-teacher") as (ctx, ledger):
+    with open_job(config, workdir, args.force, "bnfree train-teacher", args.profile_steps) as (ctx, ledger):
         run_teacher_phases(ctx, ledger, qat=args.qat)
         for phase in ("teacher", "qat"):
             if ledger.done(phase):
@@ -66,7 +67,7 @@ def distill(config, workdir: Path, args) -> int:
         Console().print(plan_table(plan))
         print(f"total distillation steps: {total_steps(plan)}")
         return 0
-    with open_job(config, workdir, args.force, "bnfree distill") as (ctx, ledger):
+    with open_job(config, workdir, args.force, "bnfree distill", args.profile_steps) as (ctx, ledger):
         run_distill(ctx, ledger)
     return 0
 
@@ -101,7 +102,7 @@ def eval_int(args) -> int:
 
 def run(config, workdir: Path, args) -> int:
     t0 = time.time()
-    with open_job(config, workdir, args.force, "bnfree run") as (ctx, ledger):
+    with open_job(config, workdir, args.force, "bnfree run", args.profile_steps) as (ctx, ledger):
         run_distill(ctx, ledger)
         if is_primary():  # export, verification and report are single-host work
             export_student(ctx, ledger)

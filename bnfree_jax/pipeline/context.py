@@ -23,6 +23,7 @@ from bnfree_jax.train.distributed import primary_first
 from bnfree_jax.train.feed import Feed
 from bnfree_jax.train.mesh import check_batch_divisible, check_platform, make_mesh
 from bnfree_jax.train.runtime import Runtime
+from bnfree_jax.train.telemetry import EventLog
 
 
 @dataclasses.dataclass
@@ -56,9 +57,11 @@ def compute_dtype(name: str):
     return None
 
 
-def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, log=print) -> Context:
+def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, log=print,
+                 profile_steps: tuple[int, int] | None = None) -> Context:
     """The job's context; writes nothing into the workdir (the dataset may be built in
-    its data dir), so a refused job leaves no trace."""
+    its data dir), so a refused job leaves no trace.  `profile_steps` (A, B): a profiler
+    trace of steps A..B of each training phase in WORKDIR/profile."""
     workdir = as_path(workdir)
     d, m = config.data, config.model
     data_dir = d.data_dir or None
@@ -82,7 +85,9 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
     rt = Runtime(mesh=mesh, log=log, metrics_path=workdir / "metrics.jsonl",
                  save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
                  compute_dtype=compute_dtype(config.mesh.compute_dtype),
-                 log_every=config.checkpoint.get("log_every", 50))
+                 log_every=config.checkpoint.get("log_every", 50),
+                 events=EventLog(workdir / "tensorboard", enabled=is_primary()),
+                 profile_steps=profile_steps, profile_dir=workdir / "profile")
     feed = Feed(train_source=train, eval_source=test, augment=d.augment, image_size=d.image_size or None,
                 eval_batch=d.eval_batch, workers=d.get("workers", 0), read_threads=d.get("read_threads", 2),
                 prefetch=d.get("prefetch", 4))

@@ -6,7 +6,7 @@ from bnfree_jax.config_io import ConfigError, changed_keys, to_dict
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
 from bnfree_jax.storage import Path, as_path, remove
 
-GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "report", "phases.json",
+GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "report", "tensorboard", "profile", "phases.json",
              "metrics.jsonl", "config.json")
 
 

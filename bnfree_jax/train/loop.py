@@ -160,14 +160,19 @@ class _Progress:
                                    TimeRemainingColumn)
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                             MofNCompleteColumn(), TextColumn("{task.fields[rate]} step/s"),
-                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[chip]}"),
+                            TimeRemainingColumn())
         self.task = self.bar.add_task(phase, total=total, completed=start,
-                                      rate="-", loss="-")
+                                      rate="-", loss="-", chip="")
         self.bar.start()
 
-    def update(self, step: int, loss: float, rate: float) -> None:
+    def update(self, step: int, loss: float, rate: float, rates: dict | None = None) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4g}", rate=f"{rate:.2f}")
+            chip = ""
+            if rates:
+                chip = f"{rates['images_per_s_per_chip']:.0f} img/s/chip"
+                chip += f" MFU {100 * rates['mfu']:.1f} %" if "mfu" in rates else ""
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4g}", rate=f"{rate:.2f}", chip=chip)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -179,7 +184,7 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
              data_iterator: Any = None, extra: dict | None = None,
              metrics_path: str | os.PathLike | None = None, phase: str = "train",
              log_every: int = 50, progress: bool = True,
-             on_metrics: Callable[[dict], None] | None = None) -> Any:
+             on_metrics: Callable[[dict], None] | None = None, probe: Any = None) -> Any:
     """Run ``step_fn(state, frozen, batch)`` from ``state.step`` up to ``num_steps``.
 
     ``state`` and ``frozen`` should already be on the mesh (``phase.on_mesh``): only
@@ -197,6 +202,10 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
     save) on SIGTERM/SIGINT/SIGHUP, at the same step on every process when only some of
     them got the signal, and ``NonFiniteLoss`` (without saving; naming the first
     non-finite step) on a NaN/Inf loss.  Returns the final state.
+
+    ``probe`` (``telemetry.PhaseProbe``) sees each step before and after its dispatch
+    (the step's FLOPs, a profiler trace) and every fetched record (rates, MFU, the
+    TensorBoard scalars); it adds no host sync but the end of a traced range.
     """
     start = int(np.asarray(jax.device_get(state.step)))
     if start >= num_steps:
@@ -223,8 +232,9 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
                   **{k: float(np.asarray(v)) for k, v in metrics.items()}}
         if on_metrics is not None:
             on_metrics(record)
+        rates = probe.on_record(record) if probe is not None else None
         rate = (step - t0_step) / max(time.perf_counter() - t0, 1e-9)
-        bar.update(step, record["loss"], rate)
+        bar.update(step, record["loss"], rate, rates)
         if write and (step % every == 0 or step == num_steps):
             append_text(metrics_path, json.dumps(record) + "\n")
 
@@ -239,7 +249,13 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
             should_stop = _StopRule(guard, num_steps, log_every)
             feed.fill(start + 1)
             for step in range(start + 1, num_steps + 1):
-                state, dev_metrics = step_fn(state, frozen, feed.take())
+                batch = feed.take()
+                if probe is not None:
+                    probe.before_step(step, step_fn, state, frozen, batch)
+                state, dev_metrics = step_fn(state, frozen, batch)
+                del batch
+                if probe is not None:
+                    probe.after_step(step, state)
                 seen = _watch(seen, state.step, dev_metrics["loss"])
                 flush()  # a log step's metrics, one step late: while this step runs
                 stop = should_stop(step)

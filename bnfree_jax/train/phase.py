@@ -16,6 +16,7 @@ from bnfree_jax.train.checkpoint import Checkpointer, abstract_like
 from bnfree_jax.train.loop import run_loop
 from bnfree_jax.train.mesh import replicated
 from bnfree_jax.train.step import make_train_step
+from bnfree_jax.train.telemetry import PhaseProbe
 
 
 def on_mesh(state, mesh):
@@ -71,10 +72,15 @@ def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, 
             state, extra = on_mesh(like_state, rt.mesh), {}
         if steps > 0:
             step_fn = make_train_step(loss_fn, tx, rt.mesh, compute_dtype=rt.compute_dtype)
-            state = run_loop(step_fn=step_fn, state=state, frozen=on_mesh(frozen, rt.mesh), batches=batches,
-                             mesh=rt.mesh, num_steps=steps, checkpointer=ckpt, data_iterator=batches,
-                             extra={"phase": phase, "record": extra}, metrics_path=rt.metrics_path,
-                             phase=phase, log_every=rt.log_every)
+            probe = PhaseProbe(phase, rt.mesh, rt.events, rt.profile_steps,
+                               rt.profile_dir and f"{rt.profile_dir}/{phase}")
+            try:
+                state = run_loop(step_fn=step_fn, state=state, frozen=on_mesh(frozen, rt.mesh), batches=batches,
+                                 mesh=rt.mesh, num_steps=steps, checkpointer=ckpt, data_iterator=batches,
+                                 extra={"phase": phase, "record": extra}, metrics_path=rt.metrics_path,
+                                 phase=phase, log_every=rt.log_every, probe=probe)
+            finally:
+                probe.close()
     finally:
         ckpt.close()
         close = getattr(batches, "close", None)

@@ -19,3 +19,6 @@ class Runtime:
     keep: int = 3
     log_every: int = 50  # metrics fetched from the devices and written every this many steps
     compute_dtype: Any = None  # None (float32) or jnp.bfloat16
+    events: Any = None  # telemetry.EventLog: TensorBoard scalars of every phase (process 0)
+    profile_steps: Optional[tuple[int, int]] = None  # (A, B): a profiler trace of steps A..B of each phase
+    profile_dir: Optional[Any] = None  # WORKDIR/profile

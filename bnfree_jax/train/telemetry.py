@@ -101,3 +101,78 @@ class EventLog:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def parse_profile_steps(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """`--profile_steps A:B` → (A, B), 1 <= A <= B; None for no profiling."""
+    if not text:
+        return None
+    try:
+        a, b = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"--profile_steps must be A:B (two step numbers), got {text!r}") from None
+    if not 1 <= a <= b:
+        raise ValueError(f"--profile_steps A:B needs 1 <= A <= B, got {text!r}")
+    return a, b
+
+
+def _abstract(tree):
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+
+
+class PhaseProbe:
+    """One phase's telemetry, driven by the training loop: the step's FLOPs (from the
+    first step's compiled program), rates and MFU at every fetched record (to the event
+    log and the progress bar), and a profiler trace of steps A..B (``profile``)."""
+
+    def __init__(self, phase: str, mesh, events: Optional[EventLog] = None,
+                 profile: Optional[tuple[int, int]] = None, profile_dir=None):
+        self.phase, self.events, self.profile, self.profile_dir = phase, events, profile, profile_dir
+        self.devices = int(mesh.devices.size)
+        self.peak = chip_peak_flops(mesh.devices.flat[0].device_kind)
+        self.rates: Optional[Throughput] = None
+        self.tracing = False
+
+    def before_step(self, step: int, step_fn, state, frozen, batch) -> None:
+        if self.rates is None:
+            import jax
+
+            global_batch = int(jax.tree.leaves(batch)[0].shape[0])
+            # MFU needs a peak: without one (a CPU) the step is not lowered a second time
+            flops = compiled_flops(step_fn, *_abstract((state, frozen, batch))) if self.peak else None
+            self.rates = Throughput(global_batch, self.devices, flops, self.peak)
+        if self.profile is not None and step == self.profile[0] and not self.tracing:
+            import jax
+
+            jax.profiler.start_trace(str(self.profile_dir))
+            self.tracing = True
+
+    def after_step(self, step: int, state) -> None:
+        if self.tracing and self.profile is not None and step >= self.profile[1]:
+            import jax
+
+            jax.block_until_ready(state)  # the traced steps' device work, not only their dispatch
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+    def on_record(self, record: dict) -> dict[str, float]:
+        """The rates since the last fetched record; the record's numbers and the rates
+        go to the event log."""
+        rates = self.rates.update(record["step"], record["time"]) if self.rates else {}
+        if self.events is not None:
+            numbers = {k: v for k, v in record.items() if k not in ("phase", "step", "time")
+                       and isinstance(v, (int, float))}
+            self.events.scalars(self.phase, record["step"], {**numbers, **rates})
+        return rates
+
+    def close(self) -> None:
+        if self.tracing:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.tracing = False
+        if self.events is not None:
+            self.events.flush()
