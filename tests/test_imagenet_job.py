@@ -4,6 +4,7 @@ PNG-named-JPEG and grayscale files, images of many sizes): `bnfree prepare image
 validation split; one job shared by the tests of this file."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ def imagenet_job(tmp_path_factory):
     assert p.returncode == 0, p.stderr[-3000:]
     p = bnfree("run", "--config", CONFIG, "--workdir", str(wd), f"data.data_dir={data_dir}")
     assert p.returncode == 0, p.stderr[-3000:]
-    return wd, data_dir
+    yield wd, data_dir
+    shutil.rmtree(tmp)  # 2 GB of AlexNet checkpoints: not left in pytest's kept temp dirs
 
 
 @pytest.mark.slow
