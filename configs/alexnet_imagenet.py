@@ -75,14 +75,18 @@ def get_config(arg: str = ""):
         c.qat.steps = 45 * STEPS_PER_EPOCH
         c.qat.optim.lr = 3e-4
     if "tiny" in args:
-        # Smoke run on a handful of local images (e.g. the tests' tiny imagenet2012).
+        # Smoke run of every phase on a handful of local images (the tests' miniature
+        # imagenet2012), sized for a test on two CPU cores: the full 1000-class AlexNet at
+        # 64×64; PTL is the least-squares local init and one stage converting all 8 layers
+        # (each PTL stage costs this network several seconds of compilation).
         c.data.data_dir = ""
         c.data.image_size = 64
         c.data.eval_batch = 8
         c.teacher = dict(steps=3, batch=8, optim=_optim(lr=0.01))
         c.qat = dict(steps=2, batch=8, optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5))
         c.ptl.batch = 8
-        c.ptl.local_init_steps, c.ptl.stage_steps, c.ptl.finetune_steps = 1, 1, 1
+        c.ptl.local_init_steps, c.ptl.stage_steps, c.ptl.finetune_steps = 0, 1, 0
+        c.ptl.head_layers = 8
         c.checkpoint.save_every = 2
         c.mesh.compute_dtype = "float32"
         c.data.workers = 0  # a handful of images: no worker processes

@@ -1,8 +1,10 @@
 """Writes a tiny dataset in the imagenet2012 TFDS feature format (ArrayRecord), for
-running the ImageNet input pipeline without the real 150 GB dataset."""
+running the ImageNet input pipeline without the real 150 GB dataset, and a miniature
+ILSVRC2012 source (the files `bnfree prepare imagenet2012` reads, with the real set's quirks)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import pathlib
 
@@ -42,6 +44,55 @@ def write_tiny_imagenet(data_dir: str | pathlib.Path, n_train: int = 12,
     # What a reader gets back: the JPEG-decoded pixels, not the originals.
     return {s: [(np.asarray(Image.open(io.BytesIO(jpeg_bytes(img))).convert("RGB")), label)
                 for img, label in items] for s, items in splits.items()}
+
+
+# Four real classes with their indices in the standard (sorted) 1000-class order.
+WNIDS = {"n01440764": 0, "n01443537": 1, "n01751748": 65, "n04596742": 909}
+IMAGENET_PER_CLASS = (3, 2)  # train, validation images per class
+
+
+def encode_quirk(img: np.ndarray, kind: str) -> bytes:
+    """The odd files of the real set: a CMYK JPEG ('cmyk'), a PNG under a .JPEG name
+    ('png'), grayscale ('gray'); 'rgb' is an ordinary JPEG."""
+    pil = Image.fromarray(img)
+    if kind == "cmyk":
+        pil = pil.convert("CMYK")
+    elif kind == "gray":
+        pil = pil.convert("L")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG" if kind == "png" else "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@functools.cache
+def imagenet_miniature() -> dict[str, list[tuple[str, str, np.ndarray, str, bytes]]]:
+    """{split: [(file_name, wnid, original RGB pixels, kind, file bytes)]}: the four
+    quirk kinds spread over classes and splits, validation files named as the real ones."""
+    kinds = ["cmyk", "png", "gray", "rgb"]
+    n_train, n_val = IMAGENET_PER_CLASS
+    images = iter(tiny_images(len(WNIDS) * (n_train + n_val), seed=5))
+    out = {"train": [], "validation": []}
+    number = 0
+    for c, wnid in enumerate(WNIDS):
+        for k in range(n_train):
+            img, kind = next(images), kinds[(c + k) % 4]
+            out["train"].append((f"{wnid}_{k + 1}.JPEG", wnid, img, kind, encode_quirk(img, kind)))
+        for k in range(n_val):
+            number += 1
+            img, kind = next(images), kinds[(c + k + 1) % 4]
+            out["validation"].append((f"ILSVRC2012_val_{number:08d}.JPEG", wnid, img, kind,
+                                      encode_quirk(img, kind)))
+    return out
+
+
+def write_imagenet_extracted(root: str | pathlib.Path) -> pathlib.Path:
+    """The miniature in the extracted layout `root/{train,val}/<wnid>/*.JPEG`."""
+    root = pathlib.Path(root)
+    for split, folder in (("train", "train"), ("validation", "val")):
+        for name, wnid, _, _, raw in imagenet_miniature()[split]:
+            (root / folder / wnid).mkdir(parents=True, exist_ok=True)
+            (root / folder / wnid / name).write_bytes(raw)
+    return root
 
 
 def write_tiny_cifar10(data_dir: str | pathlib.Path, n_train: int = 40,

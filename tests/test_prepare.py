@@ -13,56 +13,15 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from data_fixtures import tiny_images  # noqa: E402
+from data_fixtures import (IMAGENET_PER_CLASS, WNIDS, encode_quirk, imagenet_miniature,  # noqa: E402
+                           tiny_images, write_imagenet_extracted)
 
 from bnfree_jax import data  # noqa: E402
 from bnfree_jax.data import imagenet  # noqa: E402
 
-# Their indices in the standard (sorted) 1000-class order.
-WNIDS = {"n01440764": 0, "n01443537": 1, "n01751748": 65, "n04596742": 909}
+N_TRAIN, N_VAL = IMAGENET_PER_CLASS
 RESIZE = 32
-N_TRAIN, N_VAL = 3, 2  # per class
-
-
-def _encode(img: np.ndarray, kind: str) -> bytes:
-    """The odd files of the real set: a CMYK JPEG, a PNG under a .JPEG name, grayscale."""
-    pil = Image.fromarray(img)
-    if kind == "cmyk":
-        pil = pil.convert("CMYK")
-    elif kind == "gray":
-        pil = pil.convert("L")
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG" if kind == "png" else "JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _miniature():
-    """{split: [(file_name, wnid, original RGB pixels, kind, bytes)]}."""
-    kinds = ["cmyk", "png", "gray", "rgb"]
-    images = iter(tiny_images(len(WNIDS) * (N_TRAIN + N_VAL), seed=5))
-    out = {"train": [], "validation": []}
-    number = 0
-    for c, wnid in enumerate(WNIDS):
-        for k in range(N_TRAIN):
-            img, kind = next(images), kinds[(c + k) % 4]
-            out["train"].append((f"{wnid}_{k + 1}.JPEG", wnid, img, kind, _encode(img, kind)))
-        for k in range(N_VAL):
-            number += 1
-            img, kind = next(images), kinds[(c + k + 1) % 4]
-            out["validation"].append((f"ILSVRC2012_val_{number:08d}.JPEG", wnid, img, kind,
-                                      _encode(img, kind)))
-    return out
-
-
-MINI = _miniature()
-
-
-def write_extracted(root: pathlib.Path) -> pathlib.Path:
-    for split, folder in (("train", "train"), ("validation", "val")):
-        for name, wnid, _, _, raw in MINI[split]:
-            (root / folder / wnid).mkdir(parents=True, exist_ok=True)
-            (root / folder / wnid / name).write_bytes(raw)
-    return root
+MINI = imagenet_miniature()
 
 
 def _add(tar: tarfile.TarFile, name: str, raw: bytes) -> None:
@@ -145,7 +104,7 @@ def _check_split(data_dir, split, resize=RESIZE):
 
 
 def test_extracted_layout_with_a_pool(tmp_path):
-    src = write_extracted(tmp_path / "src")
+    src = write_imagenet_extracted(tmp_path / "src")
     done = _prepare(src, tmp_path / "d", workers=2, shard_size=5)
     assert done["examples"] == {"train": 12, "validation": 8}
     assert (done["shards_written"], done["shards_kept"]) == (3 + 2, 0)
@@ -157,7 +116,7 @@ def test_extracted_layout_with_a_pool(tmp_path):
 
 
 def test_tars_give_the_same_dataset_as_the_extracted_layout(tmp_path):
-    ext = _prepare(write_extracted(tmp_path / "ext"), tmp_path / "d1", shard_size=4)
+    ext = _prepare(write_imagenet_extracted(tmp_path / "ext"), tmp_path / "d1", shard_size=4)
     src = write_tars(tmp_path / "tars")
     tar = _prepare(src, tmp_path / "d2", shard_size=4,
                    val_labels=write_val_labels(tmp_path / "labels.txt"))
@@ -172,7 +131,7 @@ def test_tars_give_the_same_dataset_as_the_extracted_layout(tmp_path):
 
 
 def test_no_resize_keeps_sizes_and_rgb_jpeg_bytes(tmp_path):
-    src = write_extracted(tmp_path / "src")
+    src = write_imagenet_extracted(tmp_path / "src")
     _prepare(src, tmp_path / "d", resize=None, shard_size=100)
     _check_split(tmp_path / "d", "train", resize=None)
     raw = {kind: b for _, _, _, kind, b in MINI["train"]}
@@ -183,7 +142,7 @@ def test_no_resize_keeps_sizes_and_rgb_jpeg_bytes(tmp_path):
 
 
 def test_read_back_through_the_jobs_sources_and_iterators(tmp_path):
-    _prepare(write_extracted(tmp_path / "src"), tmp_path / "d", shard_size=3)
+    _prepare(write_imagenet_extracted(tmp_path / "src"), tmp_path / "d", shard_size=3)
     train = data.get_source("imagenet2012", "train", tmp_path / "d")
     val = data.get_source("imagenet2012", "test", tmp_path / "d")  # the validation split
     assert (len(train), len(val)) == (12, 8)
@@ -201,7 +160,7 @@ def test_read_back_through_the_jobs_sources_and_iterators(tmp_path):
 
 
 def test_a_killed_run_resumes_shard_by_shard(tmp_path, monkeypatch):
-    src, out = write_extracted(tmp_path / "src"), tmp_path / "d"
+    src, out = write_imagenet_extracted(tmp_path / "src"), tmp_path / "d"
     real = imagenet._encode_item
     calls = []
 
@@ -273,7 +232,7 @@ def test_a_sigkilled_cli_run_resumes(tmp_path):
         for k, img in enumerate(tiny_images(len(WNIDS) * n, seed=7)):
             wnid = list(WNIDS)[k % len(WNIDS)]
             (src / folder / wnid).mkdir(parents=True, exist_ok=True)
-            (src / folder / wnid / f"{wnid}_{split}_{k}.JPEG").write_bytes(_encode(img, "rgb"))
+            (src / folder / wnid / f"{wnid}_{split}_{k}.JPEG").write_bytes(encode_quirk(img, "rgb"))
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(data.__file__).parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "bnfree_jax.cli", "prepare", "imagenet2012",
                              "--source", str(src), "--data-dir", str(out), "--resize", "24",
@@ -336,7 +295,7 @@ def test_tfds_validation_list_labels_real_file_names(tmp_path):
     """With neither devkit nor --val-labels, a real validation file gets its TFDS label:
     ILSVRC2012_val_00000001 is a sea snake, n01751748, label 65."""
     src = tmp_path / "src"
-    write_extracted(src)
+    write_imagenet_extracted(src)
     import shutil
 
     shutil.rmtree(src / "val")
@@ -403,7 +362,7 @@ def test_the_cli_prepares_and_says_so(tmp_path, capsys):
     ("prepared_otherwise", "made otherwise"),
 ])
 def test_bad_input_is_one_line(tmp_path, damage, message):
-    src = write_extracted(tmp_path / "src")
+    src = write_imagenet_extracted(tmp_path / "src")
     kw = {}
     if damage == "unknown_wnid":
         (src / "train" / "n99999999").mkdir()
@@ -433,5 +392,5 @@ def test_bad_input_is_one_line(tmp_path, damage, message):
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):
-        _prepare(write_extracted(tmp_path / "src"), tmp_path / "d", **setting)
+        _prepare(write_imagenet_extracted(tmp_path / "src"), tmp_path / "d", **setting)
     assert not (tmp_path / "d").exists()
