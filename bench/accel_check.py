@@ -22,8 +22,13 @@ Prints one final JSON line:
     the same codes and scales on bf16 inputs as on the same values in float32;
   host_syncs_per_100_steps: calls of the loop's one fetch function (`loop._fetch`) during the
     timed runs, per 100 steps;
-  mfu_teacher, input_images_per_s: null (the MFU report and the input-pipeline benchmark
-    are separate work; they will fill these keys).
+  mfu_teacher: the teacher step's FLOPs per device (XLA's cost analysis of the compiled
+    step, `train.telemetry.compiled_flops`) over its measured step time and the chip's peak
+    (`mfu_peak_flops`): the table's dense bf16 figure on a TPU/GPU, on a CPU the measured
+    rate of a large float32 matmul (`mfu_peak_source` says which);
+  input_images_per_s: the host's input pipeline on a prepared ImageNet miniature with the
+    `imagenet` augmentation, keyed by grain worker count "0", "1", "2"
+    (bench/input_pipeline.py; `--input-images 0` skips it).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import sys
 import tempfile
 import time
 import types
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +64,7 @@ from bnfree_jax.nn.zoo import get_layer_specs  # noqa: E402
 from bnfree_jax.train import loop, phase  # noqa: E402
 from bnfree_jax.train.mesh import make_mesh, replicated, shard_batch  # noqa: E402
 from bnfree_jax.train.optim import make_optimizer  # noqa: E402
+from bnfree_jax.train.telemetry import chip_peak_flops, compiled_flops  # noqa: E402
 from bnfree_jax.train.runtime import Runtime  # noqa: E402
 from bnfree_jax.train.state import create_train_state  # noqa: E402
 from bnfree_jax.train.step import conv_dot_operand_dtypes, make_train_step  # noqa: E402
@@ -204,6 +211,36 @@ def codes_equal(model_cfg) -> bool:
     return bool(same)
 
 
+def cpu_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a float32 n×n matmul on the first device (best of `repeats`)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_seconds(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def input_rates(images: int) -> dict:
+    """images/s of the input pipeline at 0, 1, 2 workers (bench/input_pipeline.py's setup)."""
+    from input_pipeline import images_per_s, write_imagenet_source
+
+    from bnfree_jax.data.imagenet import prepare_imagenet
+    from bnfree_jax.data.sources import TfdsSource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_imagenet_source(Path(tmp) / "ilsvrc", images)
+        prepare_imagenet(src, os.path.join(tmp, "tfds"), resize=256, workers=os.cpu_count(), progress=False)
+        source = TfdsSource("imagenet2012", "train", data_dir=os.path.join(tmp, "tfds"))
+        return {str(w): images_per_s(source, batch=64, batches=6, workers=w, threads=2, augment="imagenet",
+                                     image_size=224) for w in (0, 1, 2)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--imagenet", action="store_true", help="AlexNet, 224x224x3, 1000 classes")
@@ -213,6 +250,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=100, help="timed steps per step kind")
     ap.add_argument("--log-every", type=int, default=None, help="default: the config's checkpoint.log_every")
     ap.add_argument("--stage", type=int, default=None, help="PTL stage (1-based layer); default the middle one")
+    ap.add_argument("--input-images", type=int, default=192,
+                    help="training images of the input-pipeline miniature (0: skip that measurement)")
     args = ap.parse_args(argv)
     config = load_config("configs/alexnet_imagenet.py" if args.imagenet else "configs/mnist_alexnet.py")
     batch = args.batch or (256 if args.imagenet else 32)
@@ -262,6 +301,11 @@ def main(argv=None):
     t_teacher, f_teacher = timed_loop(teacher, stream(3), mesh, args.steps, log_every)
     t_stage, f_stage = timed_loop(stage_rec, stream(4), mesh, args.steps, log_every)
     placed = shard_batch(next(stream(5)), mesh)
+    flops = compiled_flops(teacher["step_fn"], *jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (teacher["state"], teacher["frozen"], placed)))
+    peak, peak_source = chip_peak_flops(jax.devices()[0].device_kind), "table (dense bf16)"
+    if peak is None:
+        peak, peak_source = cpu_matmul_peak(), "measured float32 matmul"
     qtx = make_optimizer(config.qat.optim, 1000)
     builds = [(teacher["loss_fn"], teacher["tx"], teacher["state"], teacher["frozen"]),
               (classification_loss(qat_net), qtx,
@@ -282,8 +326,10 @@ def main(argv=None):
         "bf16_conv_dot_fraction": bf16_fraction(builds, mesh, placed),
         "codes_equal_f32_bf16": codes_equal(m),
         "host_syncs_per_100_steps": round(100 * (f_teacher + f_stage) / (2 * args.steps), 2),  # the end's included
-        "mfu_teacher": None,  # MFU from XLA's cost analysis and a peak table: the profiling work adds it
-        "input_images_per_s": None,  # {"0", "1", "2" workers: images/s}: the input-pipeline benchmark adds it
+        "teacher_step_flops_per_device": flops,
+        "mfu_teacher": round(flops / (t_teacher / args.steps) / peak, 4) if flops else None,
+        "mfu_peak_flops": peak, "mfu_peak_source": peak_source,
+        "input_images_per_s": input_rates(args.input_images) if args.input_images else None,
         "jax": jax.__version__, "machine": machine(),
     })
     shutil.rmtree(work, ignore_errors=True)
