@@ -117,3 +117,24 @@ def test_a_dataset_in_a_bucket_is_read_through_a_local_copy(gcs, tmp_path, monke
     for i in range(8):
         np.testing.assert_array_equal(src[i]["image"], ref[i]["image"])
         assert src[i]["label"] == ref[i]["label"]
+
+
+def test_prepare_into_a_bucket_and_read_it_on_another_host(gcs, tmp_path, monkeypatch):
+    from bnfree_jax.data.imagenet import prepare_imagenet
+    from bnfree_jax.data.sources import TfdsSource
+    from data_fixtures import write_imagenet_extracted
+
+    src = write_imagenet_extracted(tmp_path / "ilsvrc")
+    bucket = f"gs://{BUCKET}/tfds-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("BNFREE_CACHE", str(tmp_path / "preparing-host"))
+    done = prepare_imagenet(src, bucket, resize=40, workers=1, progress=False)
+    assert done["data_dir"] == bucket and done["uploaded"] > 0
+    assert prepare_imagenet(src, bucket, resize=40, workers=1, progress=False)["uploaded"] == 0  # a rerun
+    local = TfdsSource("imagenet2012", "train", data_dir=str(tmp_path / "preparing-host" / "data"
+                                                              / storage.local_cache_dir("data", bucket).name))
+    monkeypatch.setenv("BNFREE_CACHE", str(tmp_path / "other-host"))  # a host that only has the bucket
+    remote = TfdsSource("imagenet2012", "train", data_dir=bucket)
+    assert remote.data_dir.startswith(str(tmp_path / "other-host")) and len(remote) == len(local) > 0
+    for i in range(len(local)):
+        np.testing.assert_array_equal(remote[i]["image"], local[i]["image"])
+        assert remote[i]["label"] == local[i]["label"]
