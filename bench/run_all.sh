@@ -58,6 +58,8 @@ run train_step_torch "$bench_py" "$here/train_step_torch.py"
 run int_inference "$py" "$here/int_inference.py"
 run binary_layer "$py" "$here/binary_layer.py"
 run size "$py" "$here/size.py"
+run accel_check "$py" "$here/accel_check.py"
+run input_pipeline "$py" "$here/input_pipeline.py"
 [ "$dry" = 1 ] && exit 0
 echo "uptime after: $(uptime)" >&2
 "$py" - "$out" <<'PY'
@@ -66,7 +68,8 @@ sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(":")[0], "bench")
 from _common import machine
 d = sys.argv[1]
 r = {n: json.load(open(os.path.join(d, n + ".json")))
-     for n in ("train_step", "train_step_torch", "int_inference", "binary_layer", "size")}
+     for n in ("train_step", "train_step_torch", "int_inference", "binary_layer", "size", "accel_check",
+               "input_pipeline")}
 ts, tt, ii, bl, sz = (r[k] for k in ("train_step", "train_step_torch", "int_inference", "binary_layer", "size"))
 ort_best = max(ii["ort_int8_qoperator_images_per_s"], ii["ort_int8_qdq_images_per_s"])
 print(json.dumps({
@@ -90,5 +93,9 @@ print(json.dumps({
         "student_w1a1_vs_w8a8": bl["student_images_per_s"]},
     "binary_vs_int8_dense": bl["binary_vs_int8_dense"],
     "size_per_bits": sz["per_bits"],
+    "accel_check": {k: r["accel_check"][k] for k in (
+        "frozen_h2d_bytes_per_step", "bf16_conv_dot_fraction", "codes_equal_f32_bf16",
+        "host_syncs_per_100_steps", "mfu_teacher", "teacher_step_images_per_s", "ptl_stage_step_images_per_s")},
+    "input_images_per_s": {k: r["input_pipeline"][k] for k in ("mnist", "imagenet")},
 }, sort_keys=True))
 PY
