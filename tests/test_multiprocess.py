@@ -26,7 +26,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "multiprocess_cpu.sh"
-TINY = ["--config", "configs/mnist_alexnet.py:quick", "teacher.batch=64", "data.max_train_examples=64",
+TINY = ["--config", "configs/mnist_alexnet.py:quick", "model.name='tiny_cnn'", "teacher.batch=64",
+        "data.max_train_examples=64",
         "data.max_test_examples=64", "data.eval_batch=64", "teacher.optim.name=sgd", "teacher.optim.grad_clip=0.0",
         "qat.steps=2", "qat.batch=64", "ptl.batch=64", "ptl.local_init_steps=0",
         "ptl.stage_steps=2", "ptl.finetune_steps=0"]
