@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from bnfree_jax.quant.precision import in_float32
 from bnfree_jax.quant.qtensor import QTensor, qrange
-from bnfree_jax.quant.ste import _binarize, clip_ste, round_ste
+from bnfree_jax.quant.ste import SCALE_FLOOR, _binarize, clip_ste, round_ste, sign_ste
+from bnfree_jax.quant.uniform import uniform_quantize
 
 
 def _reduce_axes(ndim: int, channel_axis):
@@ -94,3 +95,37 @@ def symmetric_weight(w, bits: int, channel_axis=None, as_qtensor: bool = False):
   else:
     scale = jnp.full(m.shape, 1.0 / qmax, w.dtype)
   return QTensor(codes, scale, bits, True) if as_qtensor else codes * scale
+
+
+def binary_scale(w, axis=None):
+  """mean|w| per tensor (a scalar) or per slice along ``axis`` (keepdims), a constant."""
+  axes = _reduce_axes(w.ndim, axis)
+  s = jnp.mean(jnp.abs(w), axis=axes, keepdims=axis is not None)
+  return jax.lax.stop_gradient(jnp.maximum(s, SCALE_FLOOR))
+
+
+def maxabs_scale(w, bits: int, axis=None):
+  """The student's weight scale: max|w|/qmax (b >= 2) or mean|w| (b = 1), a constant.
+
+  Per tensor (a scalar) or per slice along ``axis`` (keepdims); floored at
+  ``SCALE_FLOOR`` so an all-zero tensor never divides by 0.
+  """
+  if bits == 1:
+    return binary_scale(w, axis)
+  s = jnp.max(jnp.abs(w), axis=_reduce_axes(w.ndim, axis), keepdims=axis is not None)
+  return jax.lax.stop_gradient(jnp.maximum(s / qrange(bits, True)[1], SCALE_FLOOR))
+
+
+@in_float32
+def maxabs_weight(w, bits: int, axis=None):
+  """(w_q, scale): symmetric max-abs fake-quant on the narrow grid, the student's rule.
+
+  Scale-equivariant (Q(k w) = k Q(w), k > 0), which is what makes folding BN
+  into the student exact. bits=1: ``sign_ste(w) * mean|w|``; bits>=2:
+  ``uniform_quantize(w, max|w|/qmax)``, the scale a constant of differentiation.
+  """
+  w = jnp.asarray(w)
+  scale = maxabs_scale(w, bits, axis)
+  if bits == 1:
+    return sign_ste(w) * scale, scale
+  return uniform_quantize(w, scale, bits, signed=True), scale
