@@ -27,7 +27,9 @@ def imagenet_job(tmp_path_factory):
     p = bnfree("prepare", "imagenet2012", "--source", str(src), "--data-dir", str(data_dir),
                "--resize", str(RESIZE), "--workers", "1")
     assert p.returncode == 0, p.stderr[-3000:]
-    p = bnfree("run", "--config", CONFIG, "--workdir", str(wd), f"data.data_dir={data_dir}")
+    # checkpoints at the phases' ends only: the 1000-class AlexNet's state is ~300 MB a save
+    p = bnfree("run", "--config", CONFIG, "--workdir", str(wd), f"data.data_dir={data_dir}",
+               "checkpoint.save_every=1000")
     assert p.returncode == 0, p.stderr[-3000:]
     yield wd, data_dir
     shutil.rmtree(tmp)  # 2 GB of AlexNet checkpoints: not left in pytest's kept temp dirs
