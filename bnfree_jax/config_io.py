@@ -5,6 +5,8 @@ compare a job's config with the one its workdir was started with. (Values are ch
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -19,6 +21,11 @@ class ConfigError(ValueError):
 
 # Keys older configs carried that nothing reads: a workdir pinned with them still resumes.
 RETIRED = ("export.logit_bits", "distributed.")
+
+
+# Keys added later with a default: a workdir pinned before them, without the key, was
+# started with that default and still resumes.
+ADDED = {"model.weight_quantizer": "maxabs", "model.act_quantizer": "pact", "model.plugins": []}
 
 
 def is_retired(key: str) -> bool:
@@ -107,6 +114,25 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     node[leaf] = value
 
 
+def import_plugins(names: Sequence[str]) -> list[str]:
+    """Import the user's plug-in modules (`model.plugins`), which register quantizers, and
+    return the sha256 of each one's file, in order, so a job can pin what it trained with.
+
+    Any failure (not importable, its code raises, no file to pin) is one ConfigError line
+    naming the module."""
+    hashes = []
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's module is one line
+            raise ConfigError(f"model.plugins: cannot import {name!r}: {_first_line(e)}") from None
+        path = getattr(module, "__file__", None)
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"model.plugins: {name!r} has no source file whose sha256 could be pinned")
+        hashes.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    return hashes
+
+
 def flatten(d, prefix: str = "") -> dict:
     """{'a.b.c': leaf} of a nested dict or ConfigDict."""
     out = {}
@@ -119,10 +145,11 @@ def flatten(d, prefix: str = "") -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """Keys whose value differs between two configs (retired keys do not count)."""
+    """Keys whose value differs between two configs (retired keys do not count; an absent
+    key of `ADDED` counts as its default)."""
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in a.keys() | b.keys()
-                  if not is_retired(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
+    get = lambda d, k: d.get(k, ADDED.get(k, "<absent>"))
+    return sorted(k for k in a.keys() | b.keys() if not is_retired(k) and get(a, k) != get(b, k))
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -35,7 +35,10 @@ def get_config(arg: str = ""):
                   # (a TPU v4 host has 240 vCPUs; docs/scale-out.md has the measured rates)
                   workers=16, read_threads=4, prefetch=4)
     c.model = dict(name="alexnet", num_classes=1000, w_bits=4, a_bits=4,
-                   first_last_w_bits=8, requant="layer", act_init=4.0)
+                   first_last_w_bits=8, requant="layer", act_init=4.0,
+                   # registered quantizers (bnfree_jax.quant), and modules imported first
+                   # that may register more (docs/quantizers.md)
+                   weight_quantizer="maxabs", act_quantizer="pact", plugins=[])
     # Teacher: SGD + Nesterov momentum, lr 0.01 per 256 images scaled linearly, ~90 epochs.
     c.teacher = dict(steps=90 * STEPS_PER_EPOCH, batch=GLOBAL_BATCH, optim=_optim(lr=0.04))
     c.qat = dict(steps=30 * STEPS_PER_EPOCH, batch=GLOBAL_BATCH,

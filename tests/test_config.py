@@ -70,6 +70,9 @@ BAD = [
     ("model.w_bits", 0), ("model.a_bits", 9), ("model.first_last_w_bits", 32), ("model.w_bits", 4.0),
     ("model.w_bits", True), ("model.requant", "rows"), ("model.name", "resnet50"), ("model.num_classes", 5),
     ("model.num_classes", 1), ("model.act_init", 0.0), ("model.act_init", NAN), ("model.act_init", -4.0),
+    ("model.weight_quantizer", "nope"), ("model.weight_quantizer", 3), ("model.act_quantizer", "maxabs"),
+    ("model.act_quantizer", None), ("model.plugins", "mymod"), ("model.plugins", ["my mod"]),
+    ("model.plugins", [3]), ("model.plugin_sha256", ["abc"]), ("model.plugin_sha256", "0" * 64),
     # data
     ("data.name", "mnist"), ("data.augment", "randaugment"), ("data.max_train_examples", -1),
     ("data.max_test_examples", -1), ("data.holdout", -1), ("data.holdout", 60000), ("data.image_size", -1),

@@ -6,6 +6,11 @@ so the int32 bias is round(β/r) and the output stage multiplies by r/s_out, a d
 M·2^-shift. A negative α (possible per channel) flips that channel's weight codes so
 every multiplier is positive and the output stage stays monotone (max-pool commutes).
 For sign layers the bias is floor(β/r): `acc + bias ≥ 0 ⇔ pre ≥ 0` holds exactly.
+
+Weight codes and scales are read through `quant.check_on_grid` from the layer's registered
+weight quantizer on the trained weights, and its activation quantizer is run on a probe
+(`activation_probe`): a quantizer whose forward leaves the integer grid is refused, one
+line naming it and the layer, before anything is written.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnfree_jax import quant
 from bnfree_jax.nn.network import input_zero_point
 from bnfree_jax.nn.weights import along_input, student_codes
 
 MULT_BITS = 30  # multipliers in [2^29, 2^30): 30 significant bits, int32-safe
+PROBE_SIZE = 4097  # values in an activation quantizer's probe
 
 
 def dyadic(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +49,24 @@ def same_padding(in_hw, kernel: int, stride: int, padding: str):
     return [[int(a), int(b)] for a, b in pads]
 
 
+def activation_probe(alpha: float, bits: int) -> np.ndarray:
+    """A [1, PROBE_SIZE] batch of what an activation quantizer sees: at 1 bit pre-ReLU
+    values around 0, at 2+ bits post-ReLU values from 0 to 2·alpha (grid points, ties and
+    the clipped range). Synthetic: integerize sees no images."""
+    hi = 2.0 if bits == 1 else 2.0 * alpha
+    lo = -hi if bits == 1 else 0.0
+    return np.linspace(lo, hi, PROBE_SIZE, dtype=np.float32)[None]
+
+
+def check_activation(spec, alpha: float) -> None:
+    """Refuse (quant.OffGridError, naming it and the layer) an activation quantizer whose
+    forward on `activation_probe` leaves the grid the artifact's output stage writes."""
+    bits = spec.a_bits
+    alpha = np.float32(1.0 if bits == 1 else alpha)
+    quant.check_on_grid("activation", spec.act_quantizer, jnp.asarray(activation_probe(alpha, bits)),
+                        jnp.asarray(alpha), bits, layer=spec.name)
+
+
 def integerize(specs, params: dict, mean, std, image_shape, per_channel: bool) -> tuple[list, dict]:
     """Integer layers (write_artifact's format) and the input spec, from student params."""
     z = input_zero_point(mean)
@@ -53,7 +78,8 @@ def integerize(specs, params: dict, mean, std, image_shape, per_channel: bool) -
         if i == 0:
             inv_std = along_input(np.asarray([float(1.0 / s) for s in std]), kernel.shape)
             kernel = kernel * jnp.asarray(inv_std, jnp.float32)
-        codes, s_w = student_codes(kernel, spec.w_bits, per_channel)
+        codes, s_w = student_codes(kernel, spec.w_bits, per_channel, spec.weight_quantizer,
+                                   layer=spec.name)
         codes = np.asarray(codes, np.int64)
         s_w = np.broadcast_to(np.asarray(s_w, np.float64).reshape(-1), (spec.features,))
         alpha = np.broadcast_to(np.asarray(p["alpha"], np.float64).reshape(-1), (spec.features,))
@@ -71,11 +97,13 @@ def integerize(specs, params: dict, mean, std, image_shape, per_channel: bool) -
             layer.update(output="requant_out")
             s_next = s_out
         elif spec.a_bits == 1:
+            check_activation(spec, 1.0)
             bias = np.floor(beta / r)
             M, sh = np.ones(1, np.int32), np.zeros(1, np.int32)
             layer.update(output="sign")
             s_next = 1.0
         else:
+            check_activation(spec, float(p["act_alpha"]))
             s_a = float(p["act_alpha"]) / (2 ** spec.a_bits - 1)
             M, sh = dyadic(r / s_a)
             bias = np.round(beta / r)

@@ -128,7 +128,7 @@ class Layer(nn.Module):
             w = w * jnp.asarray(along_input(self.inv_std, w.shape), w.dtype)
         if s.quantized:
             if self.role == STUDENT:
-                w, _ = student_weight(w, s.w_bits, self.per_channel)
+                w, _ = student_weight(w, s.w_bits, self.per_channel, s.weight_quantizer)
             else:
                 w = teacher_weight(w, s.w_bits, self.per_channel)
         y = linear_op(s, x, w)
@@ -147,16 +147,20 @@ class Layer(nn.Module):
         return self.activation(pre), pre
 
     def activation(self, pre):
+        """The layer's registered activation quantizer (`spec.act_quantizer`): at 1 bit a
+        sign of the pooled pre-activation (alpha unused: a constant 1, no parameter), at
+        2+ bits on the pooled ReLU with the learnable clip `act_alpha`."""
         s = self.spec
+        fn = quant.activation_quantizer(s.act_quantizer)
         if s.a_bits == 1:  # binary: pool then sign (both monotone, order is free)
             a = max_pool(pre, s.pool) if s.pool else pre
-            return quant.approx_sign(a)
+            return fn(a, jnp.ones((), a.dtype), 1)
         a = nn.relu(pre)
         if s.pool:
             a = max_pool(a, s.pool)
         if s.a_bits < FLOAT_BITS:
             alpha = self.param("act_alpha", nn.initializers.constant(self.act_init), ())
-            a = quant.pact_quantize(a, alpha.astype(a.dtype), s.a_bits)
+            a = fn(a, alpha.astype(a.dtype), s.a_bits)
         return a
 
 

@@ -1,7 +1,8 @@
-"""Weight quantisers of the two roles.
+"""The weights of the two roles, quantised by registered quantizers (`bnfree_jax.quant`).
 
-The teacher uses DoReFa's tanh normalisation on the narrow symmetric grid
-(`quant.symmetric_weight`). The student uses plain max-abs scaling, which is
+nn/ holds no quantizer of its own: the teacher uses `TEACHER_WEIGHT_QUANTIZER` (DoReFa's
+tanh normalisation on the narrow symmetric grid); the student uses its layer's
+`weight_quantizer`, by default `maxabs`: plain max-abs scaling, which is
 scale-equivariant (Q(k·w) = k·Q(w) for k > 0 at the granularity of the scale): that is
 what makes folding BN into the student exact at per-channel granularity, and it means
 a student initialised from the teacher's dequantised weights reproduces its codes.
@@ -9,11 +10,14 @@ a student initialised from the teacher's dequantised weights reproduces its code
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bnfree_jax import quant
+from bnfree_jax.nn.zoo import DEFAULT_WEIGHT_QUANTIZER
+
+# DoReFa's tanh normalisation on the narrow symmetric grid (`quant.symmetric_weight`).
+TEACHER_WEIGHT_QUANTIZER = "dorefa_tanh"
 
 
 def along_input(per_channel, kernel_shape) -> np.ndarray:
@@ -26,38 +30,36 @@ def along_input(per_channel, kernel_shape) -> np.ndarray:
     return v[:, None]
 
 
-def reduce_axes(ndim: int, per_channel: bool) -> tuple[int, ...] | None:
-    """Axes reduced for the scale: all but the output channel (last) when per channel."""
-    return tuple(range(ndim - 1)) if per_channel else None
+def channel_axis(per_channel: bool):
+    """The registry's `axis`: the output channel (last, HWIO / [in, out]) or None per tensor."""
+    return -1 if per_channel else None
 
 
 def maxabs_scale(w: jnp.ndarray, bits: int, per_channel: bool) -> jnp.ndarray:
-    """The student's weight scale: max|w|/qmax (b ≥ 2) or mean|w| (b = 1), no gradient."""
-    axes = reduce_axes(w.ndim, per_channel)
-    keep = per_channel
-    if bits == 1:
-        s = jnp.mean(jnp.abs(w), axis=axes, keepdims=keep)
-    else:
-        s = jnp.max(jnp.abs(w), axis=axes, keepdims=keep) / (2 ** (bits - 1) - 1)
-    return jax.lax.stop_gradient(jnp.maximum(s, 1e-8))
+    """The student's weight scale: the registered `maxabs` quantizer's, a constant."""
+    return student_weight(w, bits, per_channel, "maxabs")[1]
 
 
-@quant.in_float32
-def student_weight(w: jnp.ndarray, bits: int, per_channel: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Fake-quantised student weights and their scale (codes = weights / scale)."""
-    scale = maxabs_scale(w, bits, per_channel)
-    if bits == 1:
-        return quant.sign_ste(w) * scale, scale
-    return quant.uniform_quantize(w, scale, bits, signed=True), scale
+def student_weight(w: jnp.ndarray, bits: int, per_channel: bool,
+                   quantizer: str = DEFAULT_WEIGHT_QUANTIZER) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Fake-quantised student weights and their scale, by the registered `quantizer`."""
+    return quant.weight_quantizer(quantizer)(w, bits, channel_axis(per_channel))
 
 
-@quant.in_float32
-def student_codes(w: jnp.ndarray, bits: int, per_channel: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Integer codes (int32) and scale of the student's weights, for export."""
-    fake, scale = student_weight(w, bits, per_channel)
-    return jnp.round(fake / scale).astype(jnp.int32), scale
+def student_codes(w: jnp.ndarray, bits: int, per_channel: bool,
+                  quantizer: str = DEFAULT_WEIGHT_QUANTIZER,
+                  layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (int32) and scale of the student's weights, for export.
+
+    Read through `quant.check_on_grid` on float32 weights (so the codes never depend on
+    the compute dtype), which refuses, naming `quantizer` and `layer`, a forward that
+    leaves the grid; the scale comes back in the dtype of `w`."""
+    dtype = jnp.asarray(w).dtype
+    qt = quant.check_on_grid("weight", quantizer, jnp.asarray(w, jnp.float32), bits,
+                             channel_axis(per_channel), layer=layer)
+    return np.asarray(qt.codes, np.int32), jnp.asarray(qt.scale).astype(dtype)
 
 
 def teacher_weight(w: jnp.ndarray, bits: int, per_channel: bool) -> jnp.ndarray:
-    """Fake-quantised teacher weights (DoReFa tanh normalisation, narrow symmetric grid)."""
-    return quant.symmetric_weight(w, bits, channel_axis=-1 if per_channel else None)
+    """Fake-quantised teacher weights, by the registered `TEACHER_WEIGHT_QUANTIZER`."""
+    return quant.weight_quantizer(TEACHER_WEIGHT_QUANTIZER)(w, bits, channel_axis(per_channel))[0]

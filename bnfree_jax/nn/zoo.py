@@ -7,6 +7,9 @@ import dataclasses
 from typing import Sequence
 
 FLOAT_BITS = 32  # a bit width of 32 means "not quantised" (the float teacher)
+# The registered quantizers (bnfree_jax.quant) that reproduce the project's own rules.
+DEFAULT_WEIGHT_QUANTIZER = "maxabs"  # the student's symmetric max-abs weights
+DEFAULT_ACT_QUANTIZER = "pact"       # PACT at 2+ bits, Bi-Real's approx-sign at 1 bit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,8 @@ class LayerSpec:
     w_bits: int = FLOAT_BITS
     a_bits: int = FLOAT_BITS  # bits of this layer's output activation
     last: bool = False  # the logits layer: no activation, no BN in the teacher
+    weight_quantizer: str = DEFAULT_WEIGHT_QUANTIZER  # the student's, by registered name
+    act_quantizer: str = DEFAULT_ACT_QUANTIZER  # the output activation's (teacher and student)
 
     @property
     def quantized(self) -> bool:
@@ -90,8 +95,11 @@ MODELS = {"alexnet_mini": alexnet_mini, "alexnet_cifar": alexnet_cifar, "alexnet
           "tiny_cnn": tiny_cnn}
 
 
-def with_bits(specs: Sequence[LayerSpec], w_bits: int, a_bits: int, first_last_w_bits: int = 8) -> list[LayerSpec]:
-    """Assign bit widths: W/A everywhere, first and last layer weights at `first_last_w_bits`.
+def with_bits(specs: Sequence[LayerSpec], w_bits: int, a_bits: int, first_last_w_bits: int = 8,
+              weight_quantizer: str = DEFAULT_WEIGHT_QUANTIZER,
+              act_quantizer: str = DEFAULT_ACT_QUANTIZER) -> list[LayerSpec]:
+    """Assign bit widths: W/A everywhere, first and last layer weights at `first_last_w_bits`,
+    and the registered quantizer names every layer uses.
 
     `w_bits == a_bits == 32` gives the float network. Every hidden layer outputs A-bit
     activations; the last layer outputs logits.
@@ -103,12 +111,15 @@ def with_bits(specs: Sequence[LayerSpec], w_bits: int, a_bits: int, first_last_w
     for i, s in enumerate(specs):
         edge = i == 0 or s.last
         wb = w_bits if w_bits == FLOAT_BITS else (first_last_w_bits if edge else w_bits)
-        out.append(dataclasses.replace(s, w_bits=wb, a_bits=FLOAT_BITS if s.last else a_bits))
+        out.append(dataclasses.replace(s, w_bits=wb, a_bits=FLOAT_BITS if s.last else a_bits,
+                                       weight_quantizer=weight_quantizer, act_quantizer=act_quantizer))
     return out
 
 
 def get_layer_specs(model: str, num_classes: int, w_bits: int = FLOAT_BITS, a_bits: int = FLOAT_BITS,
-                    first_last_w_bits: int = 8) -> list[LayerSpec]:
+                    first_last_w_bits: int = 8, weight_quantizer: str = DEFAULT_WEIGHT_QUANTIZER,
+                    act_quantizer: str = DEFAULT_ACT_QUANTIZER) -> list[LayerSpec]:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
-    return with_bits(MODELS[model](num_classes), w_bits, a_bits, first_last_w_bits)
+    return with_bits(MODELS[model](num_classes), w_bits, a_bits, first_last_w_bits,
+                     weight_quantizer, act_quantizer)

@@ -13,10 +13,10 @@ import jax
 import ml_collections
 
 from bnfree_jax import data as data_lib
-from bnfree_jax.config_io import to_dict
+from bnfree_jax.config_io import import_plugins, to_dict
 from bnfree_jax.distill.env import Env
 from bnfree_jax.nn.factory import NetFactory
-from bnfree_jax.nn.zoo import get_layer_specs
+from bnfree_jax.nn.zoo import DEFAULT_ACT_QUANTIZER, DEFAULT_WEIGHT_QUANTIZER, get_layer_specs
 from bnfree_jax.report.summary import eval_split
 from bnfree_jax.storage import Path, as_path
 from bnfree_jax.train.distributed import primary_first
@@ -77,9 +77,12 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
     if holdout:
         log(f"data.holdout={holdout}: training on {len(train)} examples; every evaluation of this job "
             f"reads the last {len(test)} training examples, not the test split")
+    import_plugins(m.get("plugins", []))  # their quantizers, before any network is built
     nets = NetFactory(float_specs=tuple(get_layer_specs(m.name, m.num_classes)),
-                      quant_specs=tuple(get_layer_specs(m.name, m.num_classes, m.w_bits, m.a_bits,
-                                                        m.first_last_w_bits)),
+                      quant_specs=tuple(get_layer_specs(
+                          m.name, m.num_classes, m.w_bits, m.a_bits, m.first_last_w_bits,
+                          m.get("weight_quantizer", DEFAULT_WEIGHT_QUANTIZER),
+                          m.get("act_quantizer", DEFAULT_ACT_QUANTIZER))),
                       mean=tuple(info.mean), std=tuple(info.std), image_shape=tuple(info.image_shape),
                       requant=m.requant, act_init=m.act_init)
     rt = Runtime(mesh=mesh, log=log, metrics_path=workdir / "metrics.jsonl",

@@ -18,6 +18,19 @@ def read_pinned(workdir: Path) -> dict:
     return read_json(path, "it is this workdir's pinned config: restore it, or use --force to start over")
 
 
+PLUGIN_HASHES = "model.plugin_sha256"
+
+
+def describe_change(key: str, old: dict, new: dict) -> str:
+    """A changed key as the refusal names it; a plug-in's sha256 names the plug-in modules."""
+    if key != PLUGIN_HASHES:
+        return key
+    pairs = lambda c: dict(zip(c.get("model", {}).get("plugins", []), c.get("model", {}).get("plugin_sha256", [])))
+    a, b = pairs(old), pairs(new)
+    names = [n for n in dict.fromkeys([*a, *b]) if a.get(n) != b.get(n)]
+    return f"{key}: the file of plug-in {', '.join(repr(n) for n in names)}" if names else key
+
+
 def pin_config(config, workdir: Path, force: bool = False) -> None:
     """Write workdir/config.json, or check the existing one matches (`force` starts over).
 
@@ -44,7 +57,8 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
         diff = changed_keys(old, new)
         if diff:
             raise ConfigError(f"workdir {workdir} was started with a different config "
-                              f"(changed: {', '.join(diff)}); use --force to start over")
+                              f"(changed: {', '.join(describe_change(k, old, new) for k in diff)}); "
+                              "use --force to start over")
         return
     if not primary:
         return

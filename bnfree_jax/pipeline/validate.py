@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 
 import ml_collections
 
-from bnfree_jax.config_io import ConfigError, flatten, is_retired, load_config
+from bnfree_jax import quant
+from bnfree_jax.config_io import ConfigError, flatten, import_plugins, is_retired, load_config
 from bnfree_jax.data.augment import AUGMENTS
 from bnfree_jax.data.info import SPLITS, dataset_info
 from bnfree_jax.distill.baselines import BASELINES
@@ -96,6 +97,26 @@ def bits_name(v: Any) -> Optional[str]:
     return f"must be 'wXaY' with X, Y in 1..{MAX_BITS}"
 
 
+def registered(kind: str) -> Check:
+    """The name of a registered quantizer of `kind`, looked up when checked (so after the
+    job's plug-ins registered theirs)."""
+    def check(v):
+        names = quant.weight_quantizers() if kind == "weight" else quant.activation_quantizers()
+        return None if isinstance(v, str) and v in names else \
+            f"is not a registered {kind} quantizer (known: {', '.join(names)}; a module in model.plugins can register one)"
+    return check
+
+
+def module_name(v: Any) -> Optional[str]:
+    """An importable module's dotted name (`model.plugins`)."""
+    ok = isinstance(v, str) and all(p.isidentifier() for p in v.split("."))
+    return None if ok else "must be a module name (dotted identifiers)"
+
+
+def sha256_hex(v: Any) -> Optional[str]:
+    return None if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) else "must be a sha256 hex digest"
+
+
 def each(check: Check, nonempty: bool = True) -> Check:
     """A list (or tuple) whose every element passes `check`."""
     def list_check(v):
@@ -131,7 +152,9 @@ _SECTIONS = {
              "prefetch": integer(1)},
     "model": {"name": one_of(sorted(MODELS)), "num_classes": integer(2), "w_bits": BITS,
               "a_bits": BITS, "first_last_w_bits": BITS, "requant": one_of(REQUANTS),
-              "act_init": POSITIVE},
+              "act_init": POSITIVE, "weight_quantizer": registered("weight"),
+              "act_quantizer": registered("activation"), "plugins": each(module_name, nonempty=False),
+              "plugin_sha256": each(sha256_hex, nonempty=False)},  # derived: see record_plugins
     "teacher": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
     "qat": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
     "ptl": {"batch": BATCH, "local_init_steps": COUNT, "stage_steps": STEPS, "finetune_steps": COUNT,
@@ -151,7 +174,8 @@ SCHEMA: dict[str, Check] = flatten(_SECTIONS)
 # Keys the code reads with a default (an older pinned config.json may lack them).
 _OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim")
 OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform",
-            "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch"} | {
+            "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
+            "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep",)  # only `bnfree sweep` reads it
 
@@ -173,7 +197,7 @@ def config_errors(config) -> list[str]:
     if not isinstance(config, (dict, ml_collections.ConfigDict)):
         return [f"the config is a {type(config).__name__}, not an ml_collections.ConfigDict"]
     flat = {k: v for k, v in flatten(config).items() if not is_retired(k)}
-    errors = _structure_errors(flat)
+    errors = _structure_errors(flat) + _plugin_errors(flat)
     good = {}
     for key, value in flat.items():
         check = SCHEMA.get(key)
@@ -211,6 +235,35 @@ def _structure_errors(flat: dict) -> list[str]:
     if missing:
         errors.append(f"missing config key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     return errors
+
+
+def _plugin_errors(flat: dict) -> list[str]:
+    """Import the plug-ins (before the quantizer names are checked); a pinned config's
+    recorded file sha256s must still be the files' own."""
+    names = flat.get("model.plugins", [])
+    if SCHEMA["model.plugins"](names):
+        return []  # the value check reports it
+    try:
+        hashes = import_plugins(names)
+    except ConfigError as e:
+        return [str(e)]
+    pinned = flat.get("model.plugin_sha256")
+    if pinned is None or SCHEMA["model.plugin_sha256"](pinned):
+        return []
+    if len(pinned) != len(names):
+        return [f"model.plugin_sha256 has {len(pinned)} entries for {len(names)} model.plugins"]
+    return [f"model.plugins: the file of {name!r} changed since the job was pinned (sha256 {old[:12]}…, "
+            f"now {new[:12]}…): restore it or start the job over"
+            for name, old, new in zip(names, pinned, hashes) if old != new]
+
+
+def record_plugins(config: ml_collections.ConfigDict) -> None:
+    """Import `model.plugins` and set `model.plugin_sha256` to their files' sha256s, so the
+    pinned config.json and the artifact's manifest say what the job trained with."""
+    names = config.model.get("plugins", []) if "model" in config else []
+    if not names or SCHEMA["model.plugins"](names):
+        return  # nothing to record, or validation reports the bad value
+    config.model.plugin_sha256 = import_plugins(names)
 
 
 def _model_rules(good: dict) -> list[str]:
@@ -269,5 +322,6 @@ def load_valid_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     """`config_io.load_config`, then every value checked: nothing is run or written for a
     config that would be refused."""
     config = load_config(spec, overrides)
+    record_plugins(config)
     validate_config(config)
     return config
