@@ -12,7 +12,7 @@ import numpy as np
 
 from bnfree_jax.distill.ptl import final_student
 from bnfree_jax.nn.network import STUDENT, TEACHER
-from bnfree_jax.nn.weights import along_input, maxabs_scale
+from bnfree_jax.nn.weights import along_input, student_weight
 from bnfree_jax.nn.zoo import FLOAT_BITS, LayerSpec
 from bnfree_jax.report.layer_stats import LayerInfo, LayerStats
 from bnfree_jax.train.evaluate import batched_outputs
@@ -37,7 +37,8 @@ def weight_scales(specs, params: dict, inv_std, per_channel: bool) -> list:
         w = np.asarray(p["kernel"], np.float32)
         if i == 0:
             w = w * along_input(np.asarray(inv_std, np.float32), w.shape)
-        out.append(np.asarray(maxabs_scale(w, s.w_bits, per_channel), np.float64).reshape(-1))
+        scale = student_weight(w, s.w_bits, per_channel, s.weight_quantizer)[1]  # the layer's own quantizer's
+        out.append(np.asarray(scale, np.float64).reshape(-1))
     return out
 
 
