@@ -173,4 +173,8 @@ def test_a_workdir_pinned_before_the_quantizer_keys_still_resumes():
     old = {**new, "model": {k: v for k, v in new["model"].items()
                             if k not in ("weight_quantizer", "act_quantizer", "plugins")}}
     assert changed_keys(old, new) == []
+    older = {**old, "checkpoint": {k: v for k, v in new["checkpoint"].items() if k != "log_every"},
+             "data": {k: v for k, v in new["data"].items() if k not in ("workers", "read_threads", "prefetch")}}
+    assert changed_keys(older, new) == []  # the MNIST config's values are the old behaviour
+    assert changed_keys(older, {**new, "data": {**new["data"], "workers": 2}}) == ["data.workers"]
     assert changed_keys(old, {**new, "model": {**new["model"], "act_quantizer": "lsq"}}) == ["model.act_quantizer"]
