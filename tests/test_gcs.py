@@ -26,9 +26,9 @@ def _remote(path: str):
 
 
 def _steps(d) -> list[int]:
-    """The step folders in a bucket folder, listed afresh (bnfree_jax.storage turns off
+    """The step folders in a bucket folder, listed afresh (bnfree_jax.data.storage turns off
     fsspec's listing cache; imported here, so this process lists like the job)."""
-    import bnfree_jax.storage  # noqa: F401
+    import bnfree_jax.data.storage  # noqa: F401
 
     try:
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())

@@ -1,4 +1,4 @@
-"""bnfree_jax.storage both ways (local folder and a bucket on the local GCS emulator), the
+"""bnfree_jax.data.storage both ways (local folder and a bucket on the local GCS emulator), the
 bucket workdir lock, and datasets read from and prepared into a bucket."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from bnfree_jax import storage
+from bnfree_jax.data import storage
 from gcs_emulator import BUCKET
 
 

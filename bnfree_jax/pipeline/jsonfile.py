@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bnfree_jax.storage import as_path, write_text_atomic
+from bnfree_jax.data.storage import as_path, write_text_atomic
 
 
 def read_json(path, remedy: str, kind: type | None = dict) -> Any:

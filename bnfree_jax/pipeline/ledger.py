@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from bnfree_jax.pipeline.errors import raise_if_stopped
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
-from bnfree_jax.storage import Path, as_path
+from bnfree_jax.data.storage import Path, as_path
 
 REMEDY = "restore it, or rerun with --force to start the job over"
 

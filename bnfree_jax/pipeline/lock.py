@@ -34,7 +34,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from bnfree_jax.storage import Path, as_path, is_remote, local_cache_dir
+from bnfree_jax.data.storage import Path, as_path, is_remote, local_cache_dir
 
 LOCK_NAME = ".lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # the filesystem cannot lock

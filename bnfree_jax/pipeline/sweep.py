@@ -19,7 +19,7 @@ from bnfree_jax.pipeline.ledger import Ledger
 from bnfree_jax.pipeline.teacher import run_teacher_phases
 from bnfree_jax.pipeline.validate import validate_config
 from bnfree_jax.report.results_table import results_table
-from bnfree_jax.storage import Path, as_path, copy_tree
+from bnfree_jax.data.storage import Path, as_path, copy_tree
 
 
 def _sub_config(config, bits: str, requant: str, seed: int):

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from bnfree_jax.storage import as_path, write_bytes_atomic, write_text_atomic
+from etils.epath import Path
 
 JSON_FILE, NPZ_FILE = "layer_stats.json", "layer_stats.npz"
 
@@ -45,7 +45,7 @@ class LayerStats:
 
 
 def save_layer_stats(stats: LayerStats, out_dir) -> None:
-    out_dir = as_path(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for i, (ws, s, t) in enumerate(zip(stats.weight_scale, stats.student_pre, stats.teacher_pre)):
@@ -54,16 +54,16 @@ def save_layer_stats(stats: LayerStats, out_dir) -> None:
                 arrays[f"{key}/{i}"] = np.asarray(v)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_bytes_atomic(out_dir / NPZ_FILE, buf.getvalue())
+    (out_dir / NPZ_FILE).write_bytes(buf.getvalue())
     meta = {"names": stats.names, "specs": [dataclasses.asdict(s) for s in stats.specs],
             "act_scale": stats.act_scale, "act_alpha": stats.act_alpha, "clip_ratio": stats.clip_ratio,
             "n_probe": stats.n_probe}
-    write_text_atomic(out_dir / JSON_FILE, json.dumps(meta, indent=1))
+    (out_dir / JSON_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def load_layer_stats(out_dir) -> Optional[LayerStats]:
     """The saved statistics, or None when the job wrote none (no final student)."""
-    out_dir = as_path(out_dir)
+    out_dir = Path(out_dir)
     if not (out_dir / JSON_FILE).exists():
         return None
     meta = json.loads((out_dir / JSON_FILE).read_text())

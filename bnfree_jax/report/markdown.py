@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from bnfree_jax.report import plots
 from bnfree_jax.report.layer_stats import load_layer_stats
 from bnfree_jax.report.readers import read_manifest, read_metrics, read_sweep, sweep_series
-from bnfree_jax.storage import Path, as_path
+from etils.epath import Path
 
 NA = "n/a"
 
@@ -126,7 +126,7 @@ def make_plots(workdir: Path, summary: dict, out_dir: Path, log=print) -> tuple[
     """Draw every figure from the job's files; returns ({name: Path | why absent}, layer
     stats or None, manifest layers). A figure not drawn this time has its stale PNG from an
     earlier report removed."""
-    workdir = as_path(workdir)
+    workdir = Path(workdir)
     status: dict = {}
     per_channel = summary.get("requant") == "channel"
     manifest_layers = read_manifest(workdir).get("layers") or []
@@ -191,7 +191,7 @@ def render(summary: dict, status: dict, stats=None, manifest_layers=()) -> str:
 
 def write_markdown(workdir, summary: dict, out_dir, log=print) -> Path:
     """Write out_dir/report.md and its PNGs from the job's files; returns its path."""
-    out_dir = as_path(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     status, stats, manifest_layers = make_plots(workdir, summary, out_dir, log)
     path = out_dir / "report.md"

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bnfree_jax.storage import Path, as_path
+from etils.epath import Path
 
 
 DPI = 110
@@ -34,7 +34,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _write(fig: Figure, path) -> Path:
-    path = as_path(path)
+    path = Path(path)
     with path.open("wb") as fh:  # a file object, so a bucket path works too
         fig.savefig(fh, format="png", dpi=DPI)
     return path

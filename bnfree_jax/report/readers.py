@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 
 from bnfree_jax.report.results_table import mean_std
-from bnfree_jax.storage import Path, as_path
+from etils.epath import Path
 
 
 def read_metrics(path: Path) -> dict:
@@ -19,7 +19,7 @@ def read_metrics(path: Path) -> dict:
 
     A resumed phase may log a step twice; the last value wins.
     """
-    path = as_path(path)
+    path = Path(path)
     if not path.exists():
         return {}
     by_phase: dict = {}
@@ -38,7 +38,7 @@ def read_metrics(path: Path) -> dict:
 
 
 def read_manifest(workdir: Path) -> dict:
-    path = as_path(workdir) / "export" / "manifest.json"
+    path = Path(workdir) / "export" / "manifest.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -47,7 +47,7 @@ def read_manifest(workdir: Path) -> dict:
 
 def read_sweep(workdir: Path) -> list:
     """Rows of DIR/sweep/results.json that carry a method, bit widths and a top-1."""
-    path = as_path(workdir) / "sweep" / "results.json"
+    path = Path(workdir) / "sweep" / "results.json"
     try:
         rows = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

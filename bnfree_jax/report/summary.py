@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from bnfree_jax.storage import as_path
+from etils.epath import Path
 
 # Ledger entries that are whole phases of a job, in the order they run.
 PHASES = ("teacher", "qat", "student", "export", "report")
@@ -27,7 +27,7 @@ def phase_seconds(ledger: dict) -> dict:
 
 
 def build_summary(workdir, *, wall_seconds: float, float_params_bytes: int) -> dict:
-    workdir = as_path(workdir)
+    workdir = Path(workdir)
     c = json.loads((workdir / "config.json").read_text())
     ledger = json.loads((workdir / "phases.json").read_text()) if (workdir / "phases.json").exists() else {}
     m = c["model"]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from bnfree_jax.storage import as_path, move
+from bnfree_jax.data.storage import as_path, move
 from bnfree_jax.train.distributed import barrier
 from bnfree_jax.train.mesh import replicated
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from bnfree_jax.storage import append_text
+from bnfree_jax.data.storage import append_text
 from bnfree_jax.train.checkpoint import (Checkpointer, PreemptionGuard, post_preemption_notice,
                                          preemption_guard, preemption_sync_available)
 from bnfree_jax.train.mesh import replicated, shard_batch

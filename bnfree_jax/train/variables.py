@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import orbax.checkpoint as ocp
 
-from bnfree_jax.storage import Path, as_path
+from bnfree_jax.data.storage import Path, as_path
 
 
 def save_variables(path: Path, variables) -> None:
