@@ -69,6 +69,32 @@ def synthetic_batch(n: int, seed: int, classes: int = 5) -> dict[str, np.ndarray
             "label": rs.randint(0, classes, size=(n,)).astype(np.int32)}
 
 
+class Batches:
+    """A deterministic, checkpointable batch iterator: batch ``i`` depends on ``i`` only
+    (and ``seed_base``); a NaN image at ``poison_at``; ``on_index(i)`` before batch ``i``."""
+
+    def __init__(self, poison_at=None, on_index=None, seed_base: int = 100):
+        self.index, self.poison_at, self.on_index, self.seed_base = 0, poison_at, on_index, seed_base
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = synthetic_batch(4, self.seed_base + self.index)
+        if self.index == self.poison_at:
+            b["image"][0, 0, 0, 0] = np.nan
+        if self.on_index is not None:
+            self.on_index(self.index)
+        self.index += 1
+        return b
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = int(state["index"])
+
+
 def flat(tree, prefix: str) -> dict[str, np.ndarray]:
     return {prefix + jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}

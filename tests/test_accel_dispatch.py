@@ -14,7 +14,8 @@ import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _multidevice_step import TinyNet, init_model, make_loss_fn, synthetic_batch  # noqa: E402
+from _multidevice_step import Batches as SharedBatches  # noqa: E402
+from _multidevice_step import TinyNet, init_model, make_loss_fn  # noqa: E402
 
 from bnfree_jax.config_io import ConfigError, load_config, to_dict  # noqa: E402
 from bnfree_jax.pipeline.validate import validate_config  # noqa: E402
@@ -30,27 +31,11 @@ TX = optax.adam(0.01)
 FROZEN = {"temp": jnp.float32(1.0)}
 
 
-class Batches:
-    """Batch `i` depends on `i` only; NaN image at `poison_at`; checkpointable."""
+class Batches(SharedBatches):
+    """The shared checkpointable batches, from another seed base."""
 
     def __init__(self, poison_at=None):
-        self.index, self.poison_at = 0, poison_at
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = synthetic_batch(4, 200 + self.index)
-        if self.index == self.poison_at:
-            b["image"][0, 0, 0, 0] = np.nan
-        self.index += 1
-        return b
-
-    def get_state(self):
-        return {"index": self.index}
-
-    def set_state(self, state):
-        self.index = int(state["index"])
+        super().__init__(poison_at=poison_at, seed_base=200)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _multidevice_step import TinyNet, init_model, make_loss_fn, synthetic_batch  # noqa: E402
+from _multidevice_step import Batches, TinyNet, init_model, make_loss_fn, synthetic_batch  # noqa: E402
 
 from bnfree_jax.train.phase import resume, train_phase  # noqa: E402
 from bnfree_jax.train.runtime import Runtime  # noqa: E402
@@ -24,31 +24,6 @@ from bnfree_jax.train import (Checkpointer, NonFiniteLoss, Preempted, abstract_l
 
 TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.01, weight_decay=1e-3))
 FROZEN = {"temp": jnp.float32(1.0)}
-
-
-class Batches:
-    """A deterministic, checkpointable batch iterator: batch ``i`` depends on ``i`` only."""
-
-    def __init__(self, poison_at=None, on_index=None):
-        self.index, self.poison_at, self.on_index = 0, poison_at, on_index
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = synthetic_batch(4, 100 + self.index)
-        if self.index == self.poison_at:
-            b["image"][0, 0, 0, 0] = np.nan
-        if self.on_index is not None:
-            self.on_index(self.index)
-        self.index += 1
-        return b
-
-    def get_state(self):
-        return {"index": self.index}
-
-    def set_state(self, state):
-        self.index = int(state["index"])
 
 
 _STEPS = {}
