@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 
 from _common import emit, machine  # noqa: E402
 from bnfree_jax import quant  # noqa: E402
-from bnfree_jax.config_io import load_config  # noqa: E402
+from bnfree_jax.config_io import load_config, setting  # noqa: E402
 from bnfree_jax.data.info import dataset_info  # noqa: E402
 from bnfree_jax.distill.plan import build_stage_plan  # noqa: E402
 from bnfree_jax.distill.ptl import stage_loss  # noqa: E402
@@ -255,7 +255,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     config = load_config("configs/alexnet_imagenet.py" if args.imagenet else "configs/mnist_alexnet.py")
     batch = args.batch or (256 if args.imagenet else 32)
-    log_every = args.log_every or config.checkpoint.get("log_every", 50)
+    log_every = args.log_every or setting(config, "checkpoint.log_every")
     dtype_name = args.compute_dtype or config.mesh.compute_dtype
     d, m = config.data, config.model
     info = dataset_info(d.name, image_size=d.image_size or None)

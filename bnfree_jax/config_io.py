@@ -30,6 +30,17 @@ ADDED = {"model.weight_quantizer": "maxabs", "model.act_quantizer": "pact", "mod
          "checkpoint.log_every": 50, "data.workers": 0, "data.read_threads": 2, "data.prefetch": 4}
 
 
+def setting(config, key: str):
+    """`config`'s value at the dotted `key`; a key of `ADDED` that an older config lacks
+    reads as its default (the one place those defaults live)."""
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return ADDED[key]
+        node = node[part]
+    return node
+
+
 def is_retired(key: str) -> bool:
     """True for a flattened key of `RETIRED` (an entry ending in '.' retires a whole section)."""
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RETIRED)

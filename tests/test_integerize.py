@@ -31,7 +31,7 @@ from int_reference import layer_acc, max_pool, output_stage, reference_run  # no
 from bnfree_jax.export.artifact import write_artifact  # noqa: E402
 from bnfree_jax.export.integerize import dyadic, integerize  # noqa: E402
 from bnfree_jax.nn.network import STUDENT, make_network  # noqa: E402
-from bnfree_jax.nn.weights import maxabs_scale  # noqa: E402
+from bnfree_jax.nn.weights import student_weight  # noqa: E402
 from bnfree_jax.nn.zoo import LayerSpec, tiny_cnn, with_bits  # noqa: E402
 
 DATASETS = {
@@ -135,7 +135,7 @@ def acc_steps(specs, params, std, per_channel):
         if i == 0:  # a dense first kernel's row k reads input channel k mod C
             inv = 1.0 / np.asarray(std, np.float32)
             kernel = kernel * (np.tile(inv, kernel.shape[0] // inv.size) if kernel.ndim == 2 else inv)[:, None]
-        s_w = np.asarray(maxabs_scale(kernel, spec.w_bits, per_channel), np.float64).reshape(-1)
+        s_w = np.asarray(student_weight(kernel, spec.w_bits, per_channel)[1], np.float64).reshape(-1)
         r = np.abs(np.broadcast_to(np.asarray(p["alpha"], np.float64).reshape(-1), (spec.features,))) * s_x * s_w
         if spec.last:
             s_out = r.max()

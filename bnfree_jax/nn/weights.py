@@ -35,11 +35,6 @@ def channel_axis(per_channel: bool):
     return -1 if per_channel else None
 
 
-def maxabs_scale(w: jnp.ndarray, bits: int, per_channel: bool) -> jnp.ndarray:
-    """The student's weight scale: the registered `maxabs` quantizer's, a constant."""
-    return student_weight(w, bits, per_channel, "maxabs")[1]
-
-
 def student_weight(w: jnp.ndarray, bits: int, per_channel: bool,
                    quantizer: str = DEFAULT_WEIGHT_QUANTIZER) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Fake-quantised student weights and their scale, by the registered `quantizer`."""

@@ -13,12 +13,12 @@ import jax
 import ml_collections
 
 from bnfree_jax import data as data_lib
-from bnfree_jax.config_io import import_plugins, to_dict
+from bnfree_jax.config_io import import_plugins, setting, to_dict
+from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.distill.env import Env
 from bnfree_jax.nn.factory import NetFactory
-from bnfree_jax.nn.zoo import DEFAULT_ACT_QUANTIZER, DEFAULT_WEIGHT_QUANTIZER, get_layer_specs
+from bnfree_jax.nn.zoo import get_layer_specs
 from bnfree_jax.report.summary import eval_split
-from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.train.distributed import primary_first
 from bnfree_jax.train.feed import Feed
 from bnfree_jax.train.mesh import check_batch_divisible, check_platform, make_mesh
@@ -77,23 +77,22 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
     if holdout:
         log(f"data.holdout={holdout}: training on {len(train)} examples; every evaluation of this job "
             f"reads the last {len(test)} training examples, not the test split")
-    import_plugins(m.get("plugins", []))  # their quantizers, before any network is built
+    import_plugins(setting(config, "model.plugins"))  # their quantizers, before any network is built
     nets = NetFactory(float_specs=tuple(get_layer_specs(m.name, m.num_classes)),
                       quant_specs=tuple(get_layer_specs(
                           m.name, m.num_classes, m.w_bits, m.a_bits, m.first_last_w_bits,
-                          m.get("weight_quantizer", DEFAULT_WEIGHT_QUANTIZER),
-                          m.get("act_quantizer", DEFAULT_ACT_QUANTIZER))),
+                          setting(config, "model.weight_quantizer"), setting(config, "model.act_quantizer"))),
                       mean=tuple(info.mean), std=tuple(info.std), image_shape=tuple(info.image_shape),
                       requant=m.requant, act_init=m.act_init)
     rt = Runtime(mesh=mesh, log=log, metrics_path=workdir / "metrics.jsonl",
                  save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
                  compute_dtype=compute_dtype(config.mesh.compute_dtype),
-                 log_every=config.checkpoint.get("log_every", 50),
+                 log_every=setting(config, "checkpoint.log_every"),
                  events=EventLog(workdir / "tensorboard", enabled=is_primary()),
                  profile_steps=profile_steps, profile_dir=workdir / "profile")
     feed = Feed(train_source=train, eval_source=test, augment=d.augment, image_size=d.image_size or None,
-                eval_batch=d.eval_batch, workers=d.get("workers", 0), read_threads=d.get("read_threads", 2),
-                prefetch=d.get("prefetch", 4))
+                eval_batch=d.eval_batch, workers=setting(config, "data.workers"),
+                read_threads=setting(config, "data.read_threads"), prefetch=setting(config, "data.prefetch"))
     return Context(config=config, workdir=workdir, info=info, nets=nets, rt=rt, feed=feed)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bnfree_jax.config_io import ConfigError, changed_keys, to_dict
-from bnfree_jax.pipeline.jsonfile import read_json, write_json
 from bnfree_jax.data.storage import Path, as_path, remove
+from bnfree_jax.pipeline.jsonfile import read_json, write_json
 
 GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "report", "tensorboard", "profile", "phases.json",
              "metrics.jsonl", "config.json")
