@@ -18,6 +18,20 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "after the options, in order: a later one wins)")
 
 
+def _ptq_args(p: argparse.ArgumentParser) -> None:
+    """The calibration's options; unset ones take `pipeline.ptq.PtqOptions`' defaults."""
+    p.add_argument("--calib", metavar="METHOD",
+                   help="activation calibrator: minmax, percentile, entropy (default) or mse")
+    p.add_argument("--calib-images", type=int, metavar="N", help="training images to calibrate on (default 256)")
+    p.add_argument("--weight-calib", metavar="minmax|mse",
+                   help="weight range: max-abs (default), or the MSE-optimal clip (per tensor or per channel "
+                        "by model.requant)")
+    p.add_argument("--percentile", type=float, metavar="P",
+                   help="with --calib percentile: the percentile, in (0, 100] (default 99.99)")
+    p.add_argument("--calib-seed", type=int, metavar="S",
+                   help="seed of the calibration sample drawn from the training images (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="bnfree",
@@ -68,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1024, help="examples per shard, the unit of resumption")
 
     p = sub.add_parser("sweep", help="PTL and every baseline over bit widths, requant settings and seeds")
+    _config_args(p)
+
+    p = sub.add_parser("ptq", help="post-training quantization of the float teacher (no student training): "
+                       "calibrate, export and verify into WORKDIR/ptq/<calibration>")
+    _config_args(p)
+    _ptq_args(p)
+
+    p = sub.add_parser("ptq-sweep", help="the calibration table: PTQ over calibrators × bits × images × requant "
+                       "× samples, on one float teacher (a config with a `ptq_sweep` block)")
     _config_args(p)
 
     p = sub.add_parser("run", help="the whole job: teacher → QAT → PTL → export → integer check → report")

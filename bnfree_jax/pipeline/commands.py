@@ -114,6 +114,34 @@ def run(config, workdir: Path, args) -> int:
     return 0
 
 
+def ptq(config, workdir: Path, args) -> int:
+    from bnfree_jax.pipeline.ptq import check_calibration_images, options_from_args, run_ptq
+    from bnfree_jax.report.table import print_summary
+
+    t0 = time.time()
+    opts = options_from_args(args)
+    check_calibration_images(config, opts)  # before the workdir is touched
+    with open_job(config, workdir, False, "bnfree ptq", args.profile_steps) as (ctx, ledger):
+        summary = run_ptq(ctx, ledger, opts, t0)
+    print_summary(summary)
+    print(json.dumps({"artifact": str(as_path(workdir) / "ptq" / opts.tag / "export"),
+                      "teacher_top1": summary["teacher_top1"], "student_int_top1": summary["student_int_top1"],
+                      "int_sim_bit_exact": summary["int_sim_bit_exact"],
+                      "interpreter_float_ops": summary["interpreter_float_ops"], "calibration": opts.record()}))
+    return 0
+
+
+def ptq_sweep(config, workdir: Path, args) -> int:
+    from bnfree_jax.pipeline.ptq_sweep import run_ptq_sweep, sweep_table
+
+    if "ptq_sweep" not in config:
+        raise ConfigError("this config has no `ptq_sweep` block; use configs/mnist_ptq_sweep.py")
+    with workdir_lock(workdir, "bnfree ptq-sweep", primary=is_primary(), log=_log):
+        rows = run_ptq_sweep(config, workdir, log=_log)
+    print(sweep_table(rows))
+    return 0
+
+
 def sweep(config, workdir: Path, args) -> int:
     if "sweep" not in config:
         raise ConfigError("this config has no `sweep` block; use configs/mnist_sweep.py")
@@ -124,4 +152,4 @@ def sweep(config, workdir: Path, args) -> int:
     return 0
 
 
-__all__ = ["sweep", "train_teacher", "distill", "export", "eval_int", "run", "load_config"]
+__all__ = ["ptq", "ptq_sweep", "sweep", "train_teacher", "distill", "export", "eval_int", "run", "load_config"]

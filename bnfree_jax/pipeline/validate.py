@@ -168,6 +168,9 @@ _SECTIONS = {
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
               "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
               "binary_qat_lr": POSITIVE},
+    "ptq_sweep": {"methods": each(one_of(quant.METHODS)), "percentiles": each(real(0, strict=True)),
+                  "bits": each(bits_name), "images": each(integer(1)), "requant": each(one_of(REQUANTS)),
+                  "samples": each(COUNT), "weight_calib": one_of(("minmax", "mse"))},
 }
 SCHEMA: dict[str, Check] = flatten(_SECTIONS)
 
@@ -177,7 +180,7 @@ OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platf
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
-OPTIONAL_SECTIONS = ("sweep",)  # only `bnfree sweep` reads it
+OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
 
 # --- validation -------------------------------------------------------------------------

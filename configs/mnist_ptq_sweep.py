@@ -1,0 +1,38 @@
+"""The calibration table (`bnfree ptq-sweep`): PTQ integer top-1 of the float teacher for
+calibrator × bits {W8A8, W6A6, W4A4} × calibration images {64, 256, 1024, 4096} × requant
+× 3 calibration samples, all on one float teacher.
+
+Built on configs/mnist_alexnet.py (same keys) plus a `ptq_sweep` block. Arguments:
+`quick` (the quick job's teacher and data, one sample), `samples=N`, `layer` or `channel` only.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def _base(arg: str):
+    spec = importlib.util.spec_from_file_location("mnist_alexnet", Path(__file__).with_name("mnist_alexnet.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def get_config(arg: str = ""):
+    args = [a.strip() for a in (arg or "").split(",") if a.strip()]
+    c = _base(",".join(a for a in args if a == "quick"))
+    c.ptq_sweep = ml_collections.ConfigDict(dict(
+        methods=["minmax", "percentile", "entropy", "mse"], percentiles=[99.9, 99.99, 99.999],
+        bits=["w8a8", "w6a6", "w4a4"], images=[64, 256, 1024, 4096], requant=["layer", "channel"],
+        samples=[0, 1, 2], weight_calib="minmax"))
+    for a in args:
+        if a == "quick":
+            c.ptq_sweep.samples = [0]
+        elif a.startswith("samples="):
+            c.ptq_sweep.samples = list(range(int(a.split("=")[1])))
+        elif a in ("layer", "channel"):
+            c.ptq_sweep.requant = [a]
+        else:
+            raise ValueError(f"unknown ptq sweep argument {a!r} (use quick, samples=N, layer, channel)")
+    return c
