@@ -226,7 +226,8 @@ def ptq_student(ctx, float_vars: dict, opts: PtqOptions) -> tuple[dict, dict]:
     if opts.weight_calib == "mse":
         params = clip_weights_mse(ctx.nets, params)
     t0 = time.time()
-    params, alphas = calibrate_activations(ctx.nets, params, calibration_batches(ctx.feed, indices), opts)
+    batches = calibration_batches(ctx.feed, indices, CALIB_BATCH)
+    params, alphas = calibrate_activations(ctx.nets, params, batches, opts)
     record = {**opts.record(), "split": "train", "order": "sequential (layers < l quantized)",
               "act_alpha": alphas, "seconds": round(time.time() - t0, 2)}
     return params, record
