@@ -89,6 +89,12 @@ def warmup(v: Any) -> Optional[str]:
     return "must be a step count >= 0 or a fraction in [0, 1) of the phase's steps"
 
 
+def percent(v: Any) -> Optional[str]:
+    """A percentile in (0, 100] (`ptq_sweep.percentiles`)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 100
+    return None if ok else "must be a number in (0, 100]"
+
+
 def bits_name(v: Any) -> Optional[str]:
     """A sweep entry 'wXaY' with X and Y in 1..8."""
     m = re.fullmatch(r"w(\d+)a(\d+)", v) if isinstance(v, str) else None
@@ -168,7 +174,7 @@ _SECTIONS = {
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
               "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
               "binary_qat_lr": POSITIVE},
-    "ptq_sweep": {"methods": each(one_of(quant.METHODS)), "percentiles": each(real(0, strict=True)),
+    "ptq_sweep": {"methods": each(one_of(quant.METHODS)), "percentiles": each(percent),
                   "bits": each(bits_name), "images": each(integer(1)), "requant": each(one_of(REQUANTS)),
                   "samples": each(COUNT), "weight_calib": one_of(("minmax", "mse"))},
 }
