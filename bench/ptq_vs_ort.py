@@ -19,6 +19,7 @@ Last line: {"calib_images": N, "float_top1": x, "w8a8_per_tensor": {"minmax": {"
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -28,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from _common import emit  # noqa: E402
 
 METHODS = ("minmax", "entropy", "percentile")
 GRANULARITY = {"layer": "w8a8_per_tensor", "channel": "w8a8_per_channel"}
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-seed", type=int, default=0)
     ap.add_argument("--percentile", type=float, default=99.999, help="both sides' percentile (ORT's default)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    emit(result(ap.parse_args(argv)))
+    print(json.dumps(result(ap.parse_args(argv))), flush=True)  # the issue's key order, not sorted
 
 
 if __name__ == "__main__":
