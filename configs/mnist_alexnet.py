@@ -28,6 +28,7 @@ def get_config(arg: str = ""):
                    # registered quantizers (bnfree_jax.quant), and modules imported first
                    # that may register more (docs/quantizers.md)
                    weight_quantizer="maxabs", act_quantizer="pact", plugins=[])
+    c.model.layers = []  # per-layer rules [(regex, {w_bits|a_bits|..: v})], first match wins (docs/quantizers.md)
     c.teacher = dict(steps=600, batch=128, optim=_optim(lr=3e-3))
     c.qat = dict(steps=300, batch=128, optim=_optim(lr=1e-3))
     c.ptl = dict(

@@ -113,6 +113,29 @@ def layer_rows(stats, manifest_layers: list) -> list:
     return rows
 
 
+def precision_rows(summary: dict) -> list:
+    """The resolved per-layer widths and quantizers (summary["layers"]), one row a layer."""
+    return [(r.get("name"), r.get("w_bits"), "logits" if r.get("act_quantizer") is None else r.get("a_bits"),
+             r.get("weight_quantizer"), r.get("act_quantizer") or NA) for r in summary.get("layers") or []]
+
+
+def precision_section(summary: dict) -> list:
+    """'## Precision per layer': the table, the rules that made it and the plug-ins (with
+    their files' sha256), or nothing for a workdir pinned before the table was recorded."""
+    rows = precision_rows(summary)
+    if not rows:
+        return []
+    parts = ["## Precision per layer", "",
+             md_table(["layer", "W bits", "A bits", "weight quantizer", "activation quantizer"], rows), ""]
+    rules = summary.get("layer_rules") or []
+    parts.append("Rules (`model.layers`, first match wins): " +
+                 (", ".join(f"`{r[0]}` → {dict(r[1])}" for r in rules) if rules else "none (uniform widths)."))
+    plugins = summary.get("plugins") or {}
+    if plugins:
+        parts.append("Plug-ins: " + ", ".join(f"`{n}` (sha256 {h[:12]}…)" for n, h in plugins.items()))
+    return parts + [""]
+
+
 def _try(name: str, fn: Callable[[], Optional[Path]], status: dict, log) -> None:
     try:
         path = fn()
@@ -161,12 +184,13 @@ def make_plots(workdir: Path, summary: dict, out_dir: Path, log=print) -> tuple[
 def render(summary: dict, status: dict, stats=None, manifest_layers=()) -> str:
     """The markdown text (pure: the figures must already be in `status`)."""
     b = summary.get("bits") or {}
-    title = (f"# {summary.get('model')} on {summary.get('dataset')}: BN-free W{b.get('w')}A{b.get('a')} student"
+    bits = "mixed-precision" if summary.get("layer_rules") else f"W{b.get('w')}A{b.get('a')}"
+    title = (f"# {summary.get('model')} on {summary.get('dataset')}: BN-free {bits} student"
              f" (requant = {summary.get('requant')})")
     parts = [title, "",
              f"First/last layer weights at {b.get('first_last_w')} bits. Written {summary.get('written_at', '')}.",
              "", "## Headline", "", md_table(["result", "value"], headline_rows(summary)), "",
-             "## PTL stages", ""]
+             *precision_section(summary), "## PTL stages", ""]
     rows = stage_rows(summary)
     parts += [md_table(["stage", "kind", "steps", "seconds", "tandem top-1"], rows) if rows
               else "No distillation stage finished.", ""]
