@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from bnfree_jax.pipeline.sensitivity import (CANDIDATE_BITS, allocate, as_rules, cross_entropy,
                                              layer_bytes)
+from bnfree_jax.nn.zoo import apply_layer_rules, get_layer_specs, parse_layer_rules
 from job_helpers import bnfree
 
 
@@ -92,6 +93,10 @@ def test_command_measures_proposes_and_counts_the_artifact_bytes(tiny_job_copy):
     assert prop["bytes"] <= 3000 and set(prop["widths"]) == {"conv1", "conv2", "fc3"}
     assert f"model.layers=\"{prop['rules']!r}\"".replace("(", "[").replace(")", "]") in \
         p.stdout.replace("(", "[").replace(")", "]")
+    # the rules, resolved as a job would, give the proposed widths
+    specs = apply_layer_rules(get_layer_specs("tiny_cnn", 10, 4, 4, 8), parse_layer_rules(prop["rules"]))
+    assert {s.name: s.w_bits for s in specs} == prop["widths"]
+    assert all(s.a_bits == (32 if s.last else prop["widths"][s.name]) for s in specs)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tiny_job_copy):
