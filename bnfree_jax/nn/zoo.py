@@ -92,7 +92,19 @@ def tiny_cnn(num_classes: int = 10) -> list[LayerSpec]:
     ]
 
 
-MODELS = {"alexnet_mini": alexnet_mini, "alexnet_cifar": alexnet_cifar, "alexnet": alexnet,
+def vgg_plain(num_classes: int = 10, blocks: Sequence[int] = (32, 64, 128), depth: int = 4) -> list[LayerSpec]:
+    """A deep plain network for 28×28 inputs, where BN-free end-to-end training loses BN's
+    stability: `depth` 3×3 convs per block of `blocks` channels (28→14→7→3 by 2×2
+    pooling after each block), then two dense layers; no residuals. 12 convs by default."""
+    layers, i = [], 0
+    for width in blocks:
+        for j in range(depth):
+            i += 1
+            layers.append(_conv(f"conv{i}", width, 3, pool=2 if j == depth - 1 else 0))
+    return layers + [_dense(f"fc{i + 1}", 256), _dense(f"fc{i + 2}", num_classes, last=True)]
+
+
+MODELS = {"alexnet_mini": alexnet_mini, "vgg_plain": vgg_plain, "alexnet_cifar": alexnet_cifar, "alexnet": alexnet,
           "tiny_cnn": tiny_cnn}
 
 
