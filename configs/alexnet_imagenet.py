@@ -61,7 +61,8 @@ def get_config(arg: str = ""):
         optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),
         finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),
     )
-    c.checkpoint = dict(save_every=2000, keep=3, log_every=100)  # log_every: metrics fetched and written
+    c.checkpoint = dict(save_every=2000, keep=3, log_every=100,  # log_every: metrics fetched and written
+                         grad_diagnostics=True)  # gradient norms, clip fractions, STE cosine per log step
     c.mesh = dict(compute_dtype="bfloat16", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
 
     for a in args:

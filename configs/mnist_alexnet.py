@@ -49,7 +49,8 @@ def get_config(arg: str = ""):
         optim=_optim(lr=1e-3),
         finetune_optim=_optim(lr=2e-4),
     )
-    c.checkpoint = dict(save_every=200, keep=3, log_every=50)  # log_every: metrics fetched and written
+    c.checkpoint = dict(save_every=200, keep=3, log_every=50,  # log_every: metrics fetched and written
+                         grad_diagnostics=True)  # gradient norms, clip fractions, STE cosine per log step
     c.mesh = dict(compute_dtype="float32", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
 
     for a in args:

@@ -106,7 +106,8 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
                  compute_dtype=compute_dtype(config.mesh.compute_dtype),
                  log_every=setting(config, "checkpoint.log_every"),
                  events=EventLog(workdir / "tensorboard", enabled=is_primary()),
-                 profile_steps=profile_steps, profile_dir=workdir / "profile")
+                 profile_steps=profile_steps, profile_dir=workdir / "profile",
+                 grad_diagnostics=setting(config, "checkpoint.grad_diagnostics"))
     feed = Feed(train_source=train, eval_source=test, augment=d.augment, image_size=d.image_size or None,
                 eval_batch=d.eval_batch, workers=setting(config, "data.workers"),
                 read_threads=setting(config, "data.read_threads"), prefetch=setting(config, "data.prefetch"))

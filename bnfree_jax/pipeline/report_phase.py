@@ -15,8 +15,6 @@ from bnfree_jax.pipeline.jsonfile import write_json
 from bnfree_jax.pipeline.layer_stats import job_layer_stats
 from bnfree_jax.report.layer_stats import JSON_FILE, NPZ_FILE, save_layer_stats
 from bnfree_jax.report.markdown import write_markdown
-from bnfree_jax.report.plots import plot_gradients
-from bnfree_jax.report.readers import read_diagnostics
 from bnfree_jax.report.summary import build_summary
 
 
@@ -25,16 +23,6 @@ def float_param_bytes(nets) -> int:
     net = nets.network(TEACHER, quantized=False)
     v = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *nets.image_shape), jnp.uint8))
     return int(sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(v["params"])))
-
-
-def write_gradient_plot(workdir, out, log) -> None:
-    """report/gradients.png from metrics.jsonl's gradient diagnostics (a stale one removed
-    when this job logged none); a failing figure never sinks the report."""
-    try:
-        if plot_gradients(read_diagnostics(workdir / "metrics.jsonl"), out / "gradients.png") is None:
-            (out / "gradients.png").unlink(missing_ok=True)
-    except Exception as e:  # noqa: BLE001
-        log(f"[report] gradients.png: failed: {type(e).__name__}: {e}")
 
 
 def write_report(ctx, ledger, wall_seconds: float) -> dict:
@@ -53,7 +41,6 @@ def write_report(ctx, ledger, wall_seconds: float) -> dict:
             (out / name).unlink(missing_ok=True)
     summary = build_summary(ctx.workdir, wall_seconds=wall_seconds, float_params_bytes=float_param_bytes(ctx.nets))
     write_markdown(ctx.workdir, summary, out, log=ctx.log)
-    write_gradient_plot(ctx.workdir, out, ctx.log)
     seconds = round(time.time() - t0, 2)
     summary["phase_seconds"]["report"] = seconds
     write_json(out / "summary.json", summary, indent=1)

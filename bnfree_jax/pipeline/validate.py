@@ -185,7 +185,7 @@ _SECTIONS = {
             "compensation": boolean, "layer_target": one_of(LAYER_TARGETS),
             "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
-    "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS},
+    "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS, "grad_diagnostics": boolean},
     "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS)},
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
               "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,

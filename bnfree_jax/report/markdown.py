@@ -11,7 +11,8 @@ from typing import Callable, Optional
 
 from bnfree_jax.report import plots
 from bnfree_jax.report.layer_stats import load_layer_stats
-from bnfree_jax.report.readers import read_manifest, read_metrics, read_sweep, sweep_series
+from bnfree_jax.report.readers import (read_diagnostics, read_manifest, read_metrics, read_sweep,
+                                      sweep_series)
 from etils.epath import Path
 
 NA = "n/a"
@@ -44,6 +45,10 @@ CAPTIONS = {
                   "loss should stay low — a rise in later stages means it is being pulled away from the teacher.",
     "training": "Loss should fall within each phase; the jump at the start of a tandem stage is the cost of "
                 "converting one more layer and should be recovered within the stage.",
+    "gradients": "Last logged value of each phase. Gradient norms per layer should stay within a few decades "
+                 "of each other; a share clipped at α of several percent means the clip is too small; an STE "
+                 "cosine near 1 means the quantizers' straight-through gradient points where the float "
+                 "network's would, near 0 or below that it does not.",
     "accuracy_vs_bits": "PTL should match or beat the baselines at every bit width, most visibly at low bits; "
                         "error bars are ± one standard deviation over seeds.",
 }
@@ -54,6 +59,7 @@ TITLES = {
     "histograms": "Teacher vs student pre-activations",
     "layer_loss": "Layer-wise target loss across stages",
     "training": "Training curves",
+    "gradients": "Gradient diagnostics per phase",
     "accuracy_vs_bits": "Accuracy vs bits",
 }
 
@@ -169,6 +175,8 @@ def make_plots(workdir: Path, summary: dict, out_dir: Path, log=print) -> tuple[
                                                  out_dir / "training.png"), status, log)
     _try("accuracy_vs_bits", lambda: plots.plot_accuracy_vs_bits(sweep_series(read_sweep(workdir)),
                                                                  out_dir / "accuracy_vs_bits.png"), status, log)
+    _try("gradients", lambda: plots.plot_gradients(read_diagnostics(workdir / "metrics.jsonl"),
+                                                   out_dir / "gradients.png"), status, log)
     for k in ("scales", "histograms"):
         if no_student and not isinstance(status[k], Path):
             status[k] = no_student

@@ -74,7 +74,7 @@ def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, 
         if steps > 0:
             step_fn = make_train_step(loss_fn, tx, rt.mesh, compute_dtype=rt.compute_dtype)
             diagnostics = (make_diagnostics(loss_fn, rt.mesh, compute_dtype=rt.compute_dtype)
-                           if getattr(rt, "grad_diagnostics", True) else None)
+                           if rt.grad_diagnostics else None)
             probe = PhaseProbe(phase, rt.mesh, rt.events, rt.profile_steps,
                                rt.profile_dir and f"{rt.profile_dir}/{phase}")
             try:
