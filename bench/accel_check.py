@@ -61,6 +61,7 @@ from bnfree_jax.nn.factory import NetFactory  # noqa: E402
 from bnfree_jax.nn.network import STUDENT, TEACHER  # noqa: E402
 from bnfree_jax.nn.weights import student_codes  # noqa: E402
 from bnfree_jax.nn.zoo import get_layer_specs  # noqa: E402
+from bnfree_jax.pipeline.context import quant_specs  # noqa: E402
 from bnfree_jax.train import loop, phase  # noqa: E402
 from bnfree_jax.train.mesh import make_mesh, replicated, shard_batch  # noqa: E402
 from bnfree_jax.train.optim import make_optimizer  # noqa: E402
@@ -260,7 +261,7 @@ def main(argv=None):
     d, m = config.data, config.model
     info = dataset_info(d.name, image_size=d.image_size or None)
     nets = NetFactory(float_specs=tuple(get_layer_specs(m.name, m.num_classes)),
-                      quant_specs=tuple(get_layer_specs(m.name, m.num_classes, m.w_bits, m.a_bits, m.first_last_w_bits)),
+                      quant_specs=tuple(quant_specs(config)),
                       mean=tuple(info.mean), std=tuple(info.std), image_shape=tuple(info.image_shape),
                       requant=m.requant, act_init=m.act_init)
     mesh = make_mesh()

@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "order (instead of the devkit, whose meta.mat needs scipy)")
     p.add_argument("--shard-size", type=int, default=1024, help="examples per shard, the unit of resumption")
 
+    p = sub.add_parser("sensitivity", help="each layer's loss increase at 1, 2, 4 bits in a finished job, and "
+                       "per-layer bits under an artifact-size budget as model.layers rules")
+    p.add_argument("--workdir", required=True, help="a workdir where `bnfree run` finished")
+    p.add_argument("--budget-bytes", type=int, default=None,
+                   help="propose per-layer widths whose artifact tensors fit in B bytes")
+    p.add_argument("--examples", type=int, default=5000,
+                   help="validation images (the job's held-out split, else the last N training examples)")
+
     p = sub.add_parser("sweep", help="PTL and every baseline over bit widths, requant settings and seeds")
     _config_args(p)
 
@@ -109,6 +117,8 @@ def dispatch(args) -> int:
         return commands.eval_int(args)
     if args.command == "export":
         return commands.export(args.workdir, onnx=args.onnx)
+    if args.command == "sensitivity":
+        return commands.sensitivity(args)
     config = commands.load_config(args.config, args.overrides)
     return getattr(commands, args.command.replace("-", "_"))(config, args.workdir, args)
 

@@ -26,8 +26,9 @@ RETIRED = ("export.logit_bits", "distributed.")
 # Keys added later with a default: a workdir pinned before them, without the key, was
 # started with that default and still resumes.
 ADDED = {"model.weight_quantizer": "maxabs", "model.act_quantizer": "pact", "model.plugins": [],
+         "model.layers": [],
          # the input pipeline and metrics fetches as they were before these keys existed
-         "checkpoint.log_every": 50, "data.workers": 0, "data.read_threads": 2, "data.prefetch": 4}
+         "checkpoint.log_every": 50, "checkpoint.grad_diagnostics": True, "data.workers": 0, "data.read_threads": 2, "data.prefetch": 4}
 
 
 def setting(config, key: str):

@@ -39,6 +39,7 @@ def get_config(arg: str = ""):
                    # registered quantizers (bnfree_jax.quant), and modules imported first
                    # that may register more (docs/quantizers.md)
                    weight_quantizer="maxabs", act_quantizer="pact", plugins=[])
+    c.model.layers = []  # per-layer rules [(regex, {w_bits|a_bits|..: v})], first match wins (docs/quantizers.md)
     # Teacher: SGD + Nesterov momentum, lr 0.01 per 256 images scaled linearly, ~90 epochs.
     c.teacher = dict(steps=90 * STEPS_PER_EPOCH, batch=GLOBAL_BATCH, optim=_optim(lr=0.04))
     c.qat = dict(steps=30 * STEPS_PER_EPOCH, batch=GLOBAL_BATCH,
@@ -60,7 +61,8 @@ def get_config(arg: str = ""):
         optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),
         finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),
     )
-    c.checkpoint = dict(save_every=2000, keep=3, log_every=100)  # log_every: metrics fetched and written
+    c.checkpoint = dict(save_every=2000, keep=3, log_every=100,  # log_every: metrics fetched and written
+                         grad_diagnostics=True)  # gradient norms, clip fractions, STE cosine per log step
     c.mesh = dict(compute_dtype="bfloat16", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
 
     for a in args:

@@ -28,6 +28,7 @@ def get_config(arg: str = ""):
                    # registered quantizers (bnfree_jax.quant), and modules imported first
                    # that may register more (docs/quantizers.md)
                    weight_quantizer="maxabs", act_quantizer="pact", plugins=[])
+    c.model.layers = []  # per-layer rules [(regex, {w_bits|a_bits|..: v})], first match wins (docs/quantizers.md)
     c.teacher = dict(steps=600, batch=128, optim=_optim(lr=3e-3))
     c.qat = dict(steps=300, batch=128, optim=_optim(lr=1e-3))
     c.ptl = dict(
@@ -48,7 +49,8 @@ def get_config(arg: str = ""):
         optim=_optim(lr=1e-3),
         finetune_optim=_optim(lr=2e-4),
     )
-    c.checkpoint = dict(save_every=200, keep=3, log_every=50)  # log_every: metrics fetched and written
+    c.checkpoint = dict(save_every=200, keep=3, log_every=50,  # log_every: metrics fetched and written
+                         grad_diagnostics=True)  # gradient norms, clip fractions, STE cosine per log step
     c.mesh = dict(compute_dtype="float32", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
 
     for a in args:

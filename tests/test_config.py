@@ -45,6 +45,8 @@ def _refusal(config) -> str:
 
 BAD = [
     ("mesh.platform", "cuda"), ("mesh.platform", None),
+    ("model.layers", [("conv1",)]), ("model.layers", "conv1"), ("model.layer_table", [{"name": "conv1"}]),
+    ("checkpoint.grad_diagnostics", "yes"),
     # budgets: steps >= 1 where a phase must train, >= 0 where 0 skips
     ("teacher.steps", 0), ("teacher.steps", -5), ("qat.steps", 0), ("ptl.stage_steps", -5),
     ("ptl.stage_steps", 0), ("ptl.local_init_steps", -1), ("ptl.finetune_steps", -1),

@@ -58,8 +58,9 @@ PLUGIN_SRC = textwrap.dedent('''
         y = quant.pact_quantize(x, frozen, bits)
         return y + (alpha - frozen) * jax.lax.stop_gradient(y / frozen)
 ''')
-USE = [f"model.plugins=['{PLUGIN}']", "model.weight_quantizer='damped_maxabs'",
-       "model.act_quantizer='pact_codes_alpha'"]
+# The plug-in's quantizers on the convolutions, by a per-layer rule; the logits layer keeps the built-ins.
+RULES = [("conv.*", {"weight_quantizer": "damped_maxabs", "act_quantizer": "pact_codes_alpha"})]
+USE = [f"model.plugins=['{PLUGIN}']", f"model.layers={RULES!r}"]
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +99,14 @@ def test_plugin_job_is_pinned_and_exports_bit_exact(plugin_job, plugin_dir, tiny
     manifest = json.loads((plugin_job / "export" / "manifest.json").read_text())
     for model in (pinned, manifest["config"]["model"]):
         assert model["plugins"] == [PLUGIN] and model["plugin_sha256"] == [sha]
-        assert (model["weight_quantizer"], model["act_quantizer"]) == ("damped_maxabs", "pact_codes_alpha")
+        assert [(t["name"], t["weight_quantizer"], t["act_quantizer"]) for t in model["layer_table"]] == [
+            ("conv1", "damped_maxabs", "pact_codes_alpha"), ("conv2", "damped_maxabs", "pact_codes_alpha"),
+            ("fc3", "maxabs", None)]
     assert manifest["metrics"]["int_sim_bit_exact"] is True
     assert artifact_sha(plugin_job) != artifact_sha(tiny_job)  # the plug-in's gradients trained it
+    # ... from the first stage on, not only in the fine-tune
+    stage = lambda wd: json.loads((wd / "phases.json").read_text())["ptl/stage1_conv1"]["metrics"]
+    assert stage(plugin_job)["layer_mse_end"] != stage(tiny_job)["layer_mse_end"]
 
 
 def test_changed_plugin_file_refuses_the_rerun_naming_it(plugin_job, plugin_dir):
@@ -116,12 +122,15 @@ def test_changed_plugin_file_refuses_the_rerun_naming_it(plugin_job, plugin_dir)
 
 
 def test_quantizer_names_are_checked_after_the_plugins_are_imported(scratch_registry):
+    names = ["model.weight_quantizer='damped_maxabs'", "model.act_quantizer='pact_codes_alpha'"]
     with pytest.raises(ConfigError) as e:
-        load_valid_config(CONFIG.split(":")[0], USE[1:])  # its module not listed
+        load_valid_config(CONFIG.split(":")[0], names)  # its module not listed
     msg = str(e.value)
     assert "\n" not in msg and "model.weight_quantizer='damped_maxabs' is not a registered weight" in msg
     assert "model.act_quantizer='pact_codes_alpha' is not a registered activation" in msg
-    config = load_valid_config(CONFIG.split(":")[0], USE)
+    with pytest.raises(ConfigError, match="damped_maxabs"):
+        load_valid_config(CONFIG.split(":")[0], USE[1:])  # the same names in a per-layer rule
+    config = load_valid_config(CONFIG.split(":")[0], [USE[0], *names])
     assert config.model.plugin_sha256 == [hashlib.sha256(PLUGIN_SRC.encode()).hexdigest()]
 
 

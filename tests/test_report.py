@@ -28,7 +28,7 @@ from bnfree_jax.report.summary import build_summary
 from bnfree_jax.train.variables import save_variables
 
 ROOT = Path(__file__).resolve().parents[1]
-PNGS = ("scales", "clipping_headroom", "histograms", "layer_loss", "training", "accuracy_vs_bits")
+PNGS = ("scales", "clipping_headroom", "histograms", "layer_loss", "training", "gradients", "accuracy_vs_bits")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TEST = 256
 
@@ -74,6 +74,8 @@ def make_job(workdir: Path, arg: str, *, sweep: bool, manifest: bool):
         ledger.mark_done(f"ptl/{st.name}", order=k, variant="ptl", name=st.name, kind=st.kind, steps=st.steps,
                          seconds=1.5 + k, metrics={"tandem_top1": 0.9 + 0.005 * k, "layer_mse": mse})
         log += [{"phase": st.name, "step": s, "loss": 2.0 / s} for s in range(1, 11)]
+        log[-1].update({f"grad_norm/S/{n}": float(rng.uniform(0.01, 1)) for n in names})  # a log step's diagnostics
+        log[-1].update({f"ste_cos/{n}": float(rng.uniform(0.5, 1)) for n in names[:-1]})
     ledger.mark_done("student", top1=0.9655)
     layers = [{"name": n, "acc_bound": 2 ** (12 + i), "headroom_bits": 18 - i, "w_bits": s.w_bits}
               for i, (n, s) in enumerate(zip(names, specs))]
@@ -220,6 +222,16 @@ def test_stage_table_lists_every_stage_in_order(full_report):
         assert float(r[4]) == pytest.approx(0.9 + 0.005 * k, abs=5e-5)
 
 
+def _relu_pooled(pre: np.ndarray, window: int) -> np.ndarray:
+    """ReLU then a VALID max-pool of `window` (none for 0), in numpy."""
+    x = np.maximum(pre, 0)
+    if not window:
+        return x
+    n, h, w, c = x.shape
+    h, w = h // window, w // window
+    return x[:, :h * window, :w * window].reshape(n, h, window, w, window, c).max(axis=(2, 4))
+
+
 def test_layer_table_clipping_matches_a_direct_forward_pass(full_report):
     ctx, _, student, path = full_report
     images, _ = ctx.feed.eval_arrays()
@@ -233,13 +245,15 @@ def test_layer_table_clipping_matches_a_direct_forward_pass(full_report):
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
             for r in section.strip().splitlines()[2:] if r.startswith("|")}
     assert list(rows) == names
-    for name, (_, pre) in zip(names, trace):
+    for spec, (_, pre) in zip(ctx.nets.specs(True), trace):  # what the quantizer sees: ReLU, then the pool
+        name = spec.name
         alpha = float(student[name]["act_alpha"]) if "act_alpha" in student[name] else None
         clipped = rows[name][6]
         if alpha is None:
             assert clipped == "n/a"
         else:
-            assert clipped == f"{100 * float(np.mean(np.asarray(pre) > alpha)):.2f} %", name
+            seen = _relu_pooled(np.asarray(pre), spec.pool)
+            assert clipped == f"{100 * float(np.mean(seen > alpha)):.2f} %", name
     assert float(rows[names[1]][6].rstrip(" %")) > 1.0  # act_alpha 0.01 clips visibly
     assert rows[names[-1]][5] == "n/a"  # logits: no activation step
     assert [int(rows[n][7]) for n in names] == [18 - i for i in range(len(names))]

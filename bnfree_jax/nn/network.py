@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -54,6 +55,40 @@ def compute_dtype_scope(dtype):
         yield
     finally:
         _COMPUTE_DTYPE.reset(token)
+
+
+_FLOAT_ROLES: contextvars.ContextVar = contextvars.ContextVar("bnfree_float_roles", default=())
+_QUANT_INPUTS: contextvars.ContextVar = contextvars.ContextVar("bnfree_quant_inputs", default=None)
+
+
+@contextlib.contextmanager
+def quantizers_bypassed(roles: Sequence[str] = (STUDENT,)):
+    """Layers of `roles` traced inside run as the float network (`float_spec`: no weight or
+    activation quantizer) over the same parameter tree (an unused `act_alpha` is ignored):
+    the reference of the STE-mismatch diagnostic, without rebuilding the loss function."""
+    token = _FLOAT_ROLES.set(tuple(roles))
+    try:
+        yield
+    finally:
+        _FLOAT_ROLES.reset(token)
+
+
+@contextlib.contextmanager
+def record_quantizer_inputs():
+    """Yields a dict that every activation quantizer traced inside fills with
+    `{layer name: (x, alpha, bits)}`, x being what the quantizer sees (after pooling); the
+    last run of a layer wins. The values are of the current trace: use them inside it."""
+    found: dict = {}
+    token = _QUANT_INPUTS.set(found)
+    try:
+        yield found
+    finally:
+        _QUANT_INPUTS.reset(token)
+
+
+def float_spec(spec: LayerSpec) -> LayerSpec:
+    """The layer as the float network has it: float weights and activation (ReLU)."""
+    return dataclasses.replace(spec, w_bits=FLOAT_BITS, a_bits=FLOAT_BITS)
 
 
 def mixed_precision(op, x, w, dtype):
@@ -117,7 +152,7 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        s = self.spec
+        s = self._spec()
         if s.kind == "dense" and x.ndim > 2:
             x = x.reshape(x.shape[0], -1)
         in_ch = x.shape[-1]
@@ -146,22 +181,33 @@ class Layer(nn.Module):
             return pre, pre
         return self.activation(pre), pre
 
+    def _spec(self) -> LayerSpec:
+        """The spec this trace runs: the float one inside `quantizers_bypassed(role)`."""
+        return float_spec(self.spec) if self.role in _FLOAT_ROLES.get() else self.spec
+
     def activation(self, pre):
         """The layer's registered activation quantizer (`spec.act_quantizer`): at 1 bit a
         sign of the pooled pre-activation (alpha unused: a constant 1, no parameter), at
         2+ bits on the pooled ReLU with the learnable clip `act_alpha`."""
-        s = self.spec
+        s = self._spec()
         fn = quant.activation_quantizer(s.act_quantizer)
         if s.a_bits == 1:  # binary: pool then sign (both monotone, order is free)
             a = max_pool(pre, s.pool) if s.pool else pre
-            return fn(a, jnp.ones((), a.dtype), 1)
+            return self._quantize(fn, a, jnp.ones((), a.dtype), 1)
         a = nn.relu(pre)
         if s.pool:
             a = max_pool(a, s.pool)
         if s.a_bits < FLOAT_BITS:
             alpha = self.param("act_alpha", nn.initializers.constant(self.act_init), ())
-            a = fn(a, alpha.astype(a.dtype), s.a_bits)
+            a = self._quantize(fn, a, alpha.astype(a.dtype), s.a_bits)
         return a
+
+    def _quantize(self, fn, a, alpha, bits: int):
+        """`fn(a, alpha, bits)`, its input recorded inside `record_quantizer_inputs`."""
+        found = _QUANT_INPUTS.get()
+        if found is not None:
+            found[self.spec.name] = (a, alpha, bits)
+        return fn(a, alpha, bits)
 
 
 class Network(nn.Module):

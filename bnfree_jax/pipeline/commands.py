@@ -31,7 +31,7 @@ console = Console(stderr=True)
 
 
 def _log(msg: str) -> None:
-    console.print(msg, highlight=False)
+    console.print(msg, highlight=False, markup=False)
 
 
 @contextlib.contextmanager
@@ -96,6 +96,23 @@ def export(workdir: Path, onnx: bool = False) -> int:
     return 0
 
 
+def sensitivity(args) -> int:
+    """Per-layer sensitivity of a finished job and, with a budget, a `model.layers` proposal."""
+    from bnfree_jax.pipeline.sensitivity import run_sensitivity
+
+    workdir = as_path(args.workdir)
+    config = job_config(workdir)
+    with open_job(config, workdir, False, "bnfree sensitivity") as (ctx, _):
+        out = run_sensitivity(ctx, args.budget_bytes, args.examples, workdir / "sensitivity", log=_log)
+    print(f"sensitivity of {len(out['layers'])} layers on {out['n_images']} {out['split']} images: "
+          f"{workdir / 'sensitivity' / 'sensitivity.json'}")
+    if "proposal" in out:
+        p = out["proposal"]
+        print(f"proposal: {p['bytes']} B of {p['budget_bytes']} B, summed loss increase {p['sum_delta_loss']:.4f}")
+        print(f"model.layers=\"{p['rules']!r}\"")
+    return 0
+
+
 def eval_int(args) -> int:
     return eval_int_command(args)
 
@@ -152,4 +169,5 @@ def sweep(config, workdir: Path, args) -> int:
     return 0
 
 
-__all__ = ["ptq", "ptq_sweep", "sweep", "train_teacher", "distill", "export", "eval_int", "run", "load_config"]
+__all__ = ["ptq", "ptq_sweep", "sweep", "sensitivity", "train_teacher", "distill", "export", "eval_int", "run",
+           "load_config"]

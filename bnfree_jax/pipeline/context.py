@@ -17,7 +17,7 @@ from bnfree_jax.config_io import import_plugins, setting, to_dict
 from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.distill.env import Env
 from bnfree_jax.nn.factory import NetFactory
-from bnfree_jax.nn.zoo import get_layer_specs
+from bnfree_jax.nn.zoo import get_layer_specs, layer_table
 from bnfree_jax.report.summary import eval_split
 from bnfree_jax.train.distributed import primary_first
 from bnfree_jax.train.feed import Feed
@@ -57,6 +57,24 @@ def compute_dtype(name: str):
     return None
 
 
+def quant_specs(config: ml_collections.ConfigDict):
+    """The student's (and QAT teacher's) layer specs: the uniform widths and quantizers of
+    `model`, then its per-layer rules `model.layers` (nn.zoo.apply_layer_rules)."""
+    m = config.model
+    return get_layer_specs(m.name, m.num_classes, m.w_bits, m.a_bits, m.first_last_w_bits,
+                           setting(config, "model.weight_quantizer"), setting(config, "model.act_quantizer"),
+                           rules=setting(config, "model.layers"))
+
+
+def record_layer_table(config: ml_collections.ConfigDict, specs) -> None:
+    """Write the resolved per-layer table into `model.layer_table` (derived, like
+    `model.plugin_sha256`), so the pinned config.json, the artifact manifest (which embeds
+    the config) and the report say what every layer ran with. Set here, where the specs
+    are built, so a config whose bits changed after loading (a sweep's sub-job) records its own."""
+    with config.unlocked():
+        config.model.layer_table = layer_table(specs)
+
+
 def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, log=print,
                  profile_steps: tuple[int, int] | None = None) -> Context:
     """The job's context; writes nothing into the workdir (the dataset may be built in
@@ -79,17 +97,17 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
             f"reads the last {len(test)} training examples, not the test split")
     import_plugins(setting(config, "model.plugins"))  # their quantizers, before any network is built
     nets = NetFactory(float_specs=tuple(get_layer_specs(m.name, m.num_classes)),
-                      quant_specs=tuple(get_layer_specs(
-                          m.name, m.num_classes, m.w_bits, m.a_bits, m.first_last_w_bits,
-                          setting(config, "model.weight_quantizer"), setting(config, "model.act_quantizer"))),
+                      quant_specs=tuple(quant_specs(config)),
                       mean=tuple(info.mean), std=tuple(info.std), image_shape=tuple(info.image_shape),
                       requant=m.requant, act_init=m.act_init)
+    record_layer_table(config, nets.quant_specs)
     rt = Runtime(mesh=mesh, log=log, metrics_path=workdir / "metrics.jsonl",
                  save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
                  compute_dtype=compute_dtype(config.mesh.compute_dtype),
                  log_every=setting(config, "checkpoint.log_every"),
                  events=EventLog(workdir / "tensorboard", enabled=is_primary()),
-                 profile_steps=profile_steps, profile_dir=workdir / "profile")
+                 profile_steps=profile_steps, profile_dir=workdir / "profile",
+                 grad_diagnostics=setting(config, "checkpoint.grad_diagnostics"))
     feed = Feed(train_source=train, eval_source=test, augment=d.augment, image_size=d.image_size or None,
                 eval_batch=d.eval_batch, workers=setting(config, "data.workers"),
                 read_threads=setting(config, "data.read_threads"), prefetch=setting(config, "data.prefetch"))

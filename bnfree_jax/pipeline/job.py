@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from bnfree_jax.config_io import ConfigError, changed_keys, to_dict
+from bnfree_jax.config_io import ConfigError, changed_keys, flatten, to_dict
 from bnfree_jax.data.storage import Path, as_path, remove
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
+from bnfree_jax.pipeline.ledger import Ledger
 
 GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "report", "tensorboard", "profile", "phases.json",
              "metrics.jsonl", "config.json")
@@ -19,6 +20,15 @@ def read_pinned(workdir: Path) -> dict:
 
 
 PLUGIN_HASHES = "model.plugin_sha256"
+# Derived keys recorded from the others (pipeline.context.record_layer_table): a workdir
+# pinned before one existed lacks it, and its other keys pin the same value.
+DERIVED = ("model.layer_table",)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The keys a rerun changed (`changed_keys`), a derived key the pinned config lacks excepted."""
+    pinned = flatten(old)
+    return [k for k in changed_keys(old, new) if not (k in DERIVED and k not in pinned)]
 
 
 def describe_change(key: str, old: dict, new: dict) -> str:
@@ -54,11 +64,13 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
     new = to_dict(config)
     if path.exists() and (not force or not primary):
         old = read_pinned(workdir)
-        diff = changed_keys(old, new)
+        diff = config_changes(old, new)
         if diff:
             raise ConfigError(f"workdir {workdir} was started with a different config "
                               f"(changed: {', '.join(describe_change(k, old, new) for k in diff)}); "
                               "use --force to start over")
+        if primary:
+            _record_layers(workdir, new)
         return
     if not primary:
         return
@@ -69,3 +81,11 @@ def _pin(config, workdir: Path, force: bool, primary: bool) -> None:
         write_json(path, new, indent=1, sort_keys=True)
     except OSError as e:
         raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+    _record_layers(workdir, new)
+
+
+def _record_layers(workdir: Path, config: dict) -> None:
+    """The pinned config's per-layer table also into the ledger (phases.json)."""
+    table = config.get("model", {}).get("layer_table")
+    if table is not None:
+        Ledger(workdir).record_layers(table)

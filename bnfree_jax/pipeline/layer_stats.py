@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from bnfree_jax.distill.ptl import final_student
-from bnfree_jax.nn.network import STUDENT, TEACHER
+from bnfree_jax.nn.network import STUDENT, TEACHER, record_quantizer_inputs
 from bnfree_jax.nn.weights import along_input, student_weight
 from bnfree_jax.nn.zoo import FLOAT_BITS, LayerSpec
 from bnfree_jax.report.layer_stats import LayerInfo, LayerStats
@@ -53,12 +53,13 @@ def act_scales(specs, alphas) -> list:
     return [a / (2 ** s.a_bits - 1) if a is not None else None for s, a in zip(specs, alphas)]
 
 
-def clip_ratio(pre: np.ndarray, alpha: Optional[float]) -> Optional[float]:
-    """Fraction of pre-activations above the clip alpha (saturated at the top code)."""
-    if alpha is None:
+def clip_ratio(x: Optional[np.ndarray], alpha: Optional[float]) -> Optional[float]:
+    """Fraction of a quantizer's inputs (after pooling: what it sees) above the clip alpha,
+    saturated at the top code; the training diagnostics' ``clip_hi`` also counts x == alpha."""
+    if alpha is None or x is None:
         return None
-    pre = np.asarray(pre)
-    return float(np.count_nonzero(pre > alpha) / max(pre.size, 1))
+    x = np.asarray(x)
+    return float(np.count_nonzero(x > alpha) / max(x.size, 1))
 
 
 def subsample(x: np.ndarray, n: int = MAX_HIST_VALUES, seed: int = 0) -> np.ndarray:
@@ -72,6 +73,20 @@ def capture_pre(net, variables: dict, images: np.ndarray, batch: int = 128) -> l
     """Pre-activations of every layer on `images`, as numpy arrays."""
     return batched_outputs(lambda v, x: [pre for _, pre in net.apply(v, x, capture=True)[1]],
                            variables, images, batch)
+
+
+def quantizer_inputs(net, variables: dict, images: np.ndarray, batch: int = 128) -> list:
+    """What each layer's activation quantizer sees on `images` (after pooling), as numpy
+    arrays; None for a layer without one (float or logits)."""
+    names = [s.name for s in net.specs]
+
+    def run(v, x):
+        with record_quantizer_inputs() as found:
+            net.apply(v, x)
+            return {n: found[n][0] for n in names if n in found}
+
+    got = batched_outputs(run, variables, images, batch)
+    return [got.get(n) for n in names]
 
 
 def abstract_variables(nets, role: str) -> dict:
@@ -106,13 +121,14 @@ def collect_layer_stats(nets, feed, student: Optional[dict], teacher: Optional[d
     alphas = act_alphas(specs, student)
     images = feed.eval_arrays(n_probe)[0]
     s_pre = capture_pre(nets.network(STUDENT), {"params": student}, images) if len(images) else None
+    s_in = quantizer_inputs(nets.network(STUDENT), {"params": student}, images) if len(images) else None
     t_pre = capture_pre(nets.network(TEACHER), teacher, images) if len(images) and teacher else None
     none = [None] * len(specs)
     return LayerStats(
         names=[s.name for s in specs], specs=[_info(s) for s in specs],
         weight_scale=weight_scales(specs, student, [1.0 / s for s in nets.std], nets.per_channel),
         act_scale=act_scales(specs, alphas), act_alpha=alphas,
-        clip_ratio=[clip_ratio(p, a) for p, a in zip(s_pre, alphas)] if s_pre else none,
+        clip_ratio=[clip_ratio(x, a) for x, a in zip(s_in, alphas)] if s_in else none,
         student_pre=[subsample(p, seed=i) for i, p in enumerate(s_pre)] if s_pre else none,
         teacher_pre=[subsample(p, seed=i) for i, p in enumerate(t_pre)] if t_pre else none,
         n_probe=int(len(images)))

@@ -32,6 +32,15 @@ class Ledger:
         self._write()
         raise_if_stopped()
 
+    LAYERS = "layers"  # not a phase: the resolved per-layer table the job runs with
+
+    def record_layers(self, table: list) -> None:
+        """Keep the job's resolved per-layer table (`model.layer_table`) beside its phases,
+        so the ledger alone says which widths and quantizers its results were made with."""
+        if self.data.get(self.LAYERS) != {"table": table}:
+            self.data[self.LAYERS] = {"table": table}
+            self._write()
+
     def forget(self, phase: str) -> None:
         """Drop a phase's record (its result is to be made again)."""
         if self.data.pop(phase, None) is not None:

@@ -8,6 +8,7 @@ value and the allowed domain: ``teacher.steps=0 must be an int >= 1; ...``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Callable, Optional
@@ -15,12 +16,13 @@ from typing import Any, Callable, Optional
 import ml_collections
 
 from bnfree_jax import quant
-from bnfree_jax.config_io import ConfigError, flatten, import_plugins, is_retired, load_config
+from bnfree_jax.config_io import ADDED, ConfigError, _first_line, flatten, import_plugins, is_retired, load_config
 from bnfree_jax.data.augment import AUGMENTS
 from bnfree_jax.data.info import SPLITS, dataset_info
 from bnfree_jax.distill.baselines import BASELINES
 from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE
-from bnfree_jax.nn.zoo import MODELS
+from bnfree_jax.nn.weights import channel_axis
+from bnfree_jax.nn.zoo import MAX_BITS, MODELS, get_layer_specs, parse_layer_rules
 from bnfree_jax.train.mesh import PLATFORMS
 
 Check = Callable[[Any], Optional[str]]  # None when the value is allowed, else what is wrong with it
@@ -30,7 +32,6 @@ SCHEDULES = ("cosine", "constant")     # train/optim.py make_schedule
 REQUANTS = ("layer", "channel")        # nn/network.py make_network
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LAYER_TARGETS = ("tandem", "teacher")  # distill/plan.py build_stage_plan
-MAX_BITS = 8
 
 
 # --- checks of one value ------------------------------------------------------------
@@ -123,6 +124,26 @@ def sha256_hex(v: Any) -> Optional[str]:
     return None if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) else "must be a sha256 hex digest"
 
 
+def layer_rules(v: Any) -> Optional[str]:
+    """`model.layers`: [(regex, {w_bits|a_bits|weight_quantizer|act_quantizer: value})]
+    (nn.zoo.parse_layer_rules; whether each regex matches a layer is a rule across keys)."""
+    try:
+        parse_layer_rules(v)
+    except ValueError as e:
+        return f"is malformed: {e}"
+    return None
+
+
+TABLE_KEYS = ("name", "w_bits", "a_bits", "weight_quantizer", "act_quantizer")
+
+
+def layer_table(v: Any) -> Optional[str]:
+    """`model.layer_table` (derived, see pipeline.context.record_layer_table): one record per layer."""
+    ok = isinstance(v, (list, tuple)) and all(hasattr(r, "keys") and sorted(r.keys()) == sorted(TABLE_KEYS)
+                                              for r in v)
+    return None if ok else f"must be a list of per-layer records with keys {', '.join(TABLE_KEYS)}"
+
+
 def each(check: Check, nonempty: bool = True) -> Check:
     """A list (or tuple) whose every element passes `check`."""
     def list_check(v):
@@ -160,7 +181,8 @@ _SECTIONS = {
               "a_bits": BITS, "first_last_w_bits": BITS, "requant": one_of(REQUANTS),
               "act_init": POSITIVE, "weight_quantizer": registered("weight"),
               "act_quantizer": registered("activation"), "plugins": each(module_name, nonempty=False),
-              "plugin_sha256": each(sha256_hex, nonempty=False)},  # derived: see record_plugins
+              "plugin_sha256": each(sha256_hex, nonempty=False),  # derived: see record_plugins
+              "layers": layer_rules, "layer_table": layer_table},  # derived: context.record_layer_table
     "teacher": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
     "qat": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
     "ptl": {"batch": BATCH, "local_init_steps": COUNT, "stage_steps": STEPS, "finetune_steps": COUNT,
@@ -169,7 +191,7 @@ _SECTIONS = {
             "compensation": boolean, "layer_target": one_of(LAYER_TARGETS),
             "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
-    "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS},
+    "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS, "grad_diagnostics": boolean},
     "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS)},
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
               "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
@@ -184,7 +206,8 @@ SCHEMA: dict[str, Check] = flatten(_SECTIONS)
 _OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim")
 OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform",
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
-            "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256"} | {
+            "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
+            "model.layers", "model.layer_table"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
@@ -217,7 +240,7 @@ def config_errors(config) -> list[str]:
             errors.append(f"{key}={value!r} {why}")
         else:
             good[key] = value
-    for rule in (_model_rules, _data_rules, _loss_rules):
+    for rule in (_model_rules, _layer_rule_errors, _data_rules, _loss_rules):
         errors += rule(good)
     return errors
 
@@ -285,6 +308,61 @@ def _model_rules(good: dict) -> list[str]:
     if head > n:
         return [f"ptl.head_layers={head} is outside 1..{n} (the layers of {name})"]
     return []
+
+
+def _layer_rule_errors(good: dict) -> list[str]:
+    """`model.layers` resolved over the model's layers (a rule matching none, an output
+    override on the logits layer), then every layer's quantizers: registered, and able to
+    run at the layer's widths (a binary-only quantizer on an 8-bit layer fails here, in one
+    line, not while the network is traced)."""
+    keys = ("name", "num_classes", "w_bits", "a_bits", "first_last_w_bits", "requant")
+    m = {k: good.get(f"model.{k}") for k in keys}
+    for k in ("weight_quantizer", "act_quantizer", "layers"):
+        m[k] = good.get(f"model.{k}", ADDED[f"model.{k}"])
+    if any(v is None for v in m.values()):
+        return []  # a bad value is reported by its own check (a bad quantizer key reads as its default)
+    try:
+        specs = get_layer_specs(m["name"], m["num_classes"], m["w_bits"], m["a_bits"], m["first_last_w_bits"],
+                                m["weight_quantizer"], m["act_quantizer"], rules=m["layers"])
+    except ValueError as e:
+        return [str(e)]
+    axis = channel_axis(m["requant"] == "channel")
+    uses = [("weight", s.weight_quantizer, s.w_bits, s.name) for s in specs] + \
+        [("activation", s.act_quantizer, s.a_bits, s.name) for s in specs if not s.last]
+    errors, failing = [], {}
+    for kind, name, bits, layer in uses:
+        known = quant.weight_quantizers() if kind == "weight" else quant.activation_quantizers()
+        if name not in known:
+            errors.append(f"layer {layer!r}: {'weight' if kind == 'weight' else 'act'}_quantizer={name!r} is not a "
+                          f"registered {kind} quantizer (known: {', '.join(known)}; a module in model.plugins "
+                          "can register one)")
+        else:
+            fn = (quant.weight_quantizer if kind == "weight" else quant.activation_quantizer)(name)
+            why = _probe(kind, fn, bits, axis)
+            if why:
+                failing.setdefault((kind, name, bits, why), []).append(layer)
+    for (kind, name, bits, why), layers in failing.items():
+        errors.append(f"{kind} quantizer {name!r} cannot run at {bits} bits, the width of layer"
+                      f"{'s' if len(layers) > 1 else ''} {', '.join(layers)}: {why} "
+                      "(a model.layers rule can choose another quantizer for them)")
+    return errors
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(kind: str, fn, bits: int, axis) -> Optional[str]:
+    """None when quantizer `fn` runs forward at `bits` on a tiny probe, else its error
+    (cached per function and width: validation runs once per command, on few widths)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    try:
+        if kind == "weight":
+            fn(jnp.asarray(np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4)), bits, axis)
+        else:
+            fn(jnp.asarray(np.linspace(-1, 3, 16, dtype=np.float32)[None]), jnp.ones((), jnp.float32), bits)
+    except Exception as e:  # noqa: BLE001 - whatever a plug-in raises is one line
+        return _first_line(e)
+    return None
 
 
 def _data_rules(good: dict) -> list[str]:

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 
 from bnfree_jax.report import plots
 from bnfree_jax.report.layer_stats import load_layer_stats
-from bnfree_jax.report.readers import read_manifest, read_metrics, read_sweep, sweep_series
+from bnfree_jax.report.readers import (read_diagnostics, read_manifest, read_metrics, read_sweep,
+                                      sweep_series)
 from etils.epath import Path
 
 NA = "n/a"
@@ -44,6 +45,10 @@ CAPTIONS = {
                   "loss should stay low — a rise in later stages means it is being pulled away from the teacher.",
     "training": "Loss should fall within each phase; the jump at the start of a tandem stage is the cost of "
                 "converting one more layer and should be recovered within the stage.",
+    "gradients": "Last logged value of each phase. Gradient norms per layer should stay within a few decades "
+                 "of each other; a share clipped at α of several percent means the clip is too small; an STE "
+                 "cosine near 1 means the quantizers' straight-through gradient points where the float "
+                 "network's would, near 0 or below that it does not.",
     "accuracy_vs_bits": "PTL should match or beat the baselines at every bit width, most visibly at low bits; "
                         "error bars are ± one standard deviation over seeds.",
 }
@@ -54,6 +59,7 @@ TITLES = {
     "histograms": "Teacher vs student pre-activations",
     "layer_loss": "Layer-wise target loss across stages",
     "training": "Training curves",
+    "gradients": "Gradient diagnostics per phase",
     "accuracy_vs_bits": "Accuracy vs bits",
 }
 
@@ -113,6 +119,29 @@ def layer_rows(stats, manifest_layers: list) -> list:
     return rows
 
 
+def precision_rows(summary: dict) -> list:
+    """The resolved per-layer widths and quantizers (summary["layers"]), one row a layer."""
+    return [(r.get("name"), r.get("w_bits"), "logits" if r.get("act_quantizer") is None else r.get("a_bits"),
+             r.get("weight_quantizer"), r.get("act_quantizer") or NA) for r in summary.get("layers") or []]
+
+
+def precision_section(summary: dict) -> list:
+    """'## Precision per layer': the table, the rules that made it and the plug-ins (with
+    their files' sha256), or nothing for a workdir pinned before the table was recorded."""
+    rows = precision_rows(summary)
+    if not rows:
+        return []
+    parts = ["## Precision per layer", "",
+             md_table(["layer", "W bits", "A bits", "weight quantizer", "activation quantizer"], rows), ""]
+    rules = summary.get("layer_rules") or []
+    parts.append("Rules (`model.layers`, first match wins): " +
+                 (", ".join(f"`{r[0]}` → {dict(r[1])}" for r in rules) if rules else "none (uniform widths)."))
+    plugins = summary.get("plugins") or {}
+    if plugins:
+        parts.append("Plug-ins: " + ", ".join(f"`{n}` (sha256 {h[:12]}…)" for n, h in plugins.items()))
+    return parts + [""]
+
+
 def _try(name: str, fn: Callable[[], Optional[Path]], status: dict, log) -> None:
     try:
         path = fn()
@@ -146,6 +175,8 @@ def make_plots(workdir: Path, summary: dict, out_dir: Path, log=print) -> tuple[
                                                  out_dir / "training.png"), status, log)
     _try("accuracy_vs_bits", lambda: plots.plot_accuracy_vs_bits(sweep_series(read_sweep(workdir)),
                                                                  out_dir / "accuracy_vs_bits.png"), status, log)
+    _try("gradients", lambda: plots.plot_gradients(read_diagnostics(workdir / "metrics.jsonl"),
+                                                   out_dir / "gradients.png"), status, log)
     for k in ("scales", "histograms"):
         if no_student and not isinstance(status[k], Path):
             status[k] = no_student
@@ -161,12 +192,13 @@ def make_plots(workdir: Path, summary: dict, out_dir: Path, log=print) -> tuple[
 def render(summary: dict, status: dict, stats=None, manifest_layers=()) -> str:
     """The markdown text (pure: the figures must already be in `status`)."""
     b = summary.get("bits") or {}
-    title = (f"# {summary.get('model')} on {summary.get('dataset')}: BN-free W{b.get('w')}A{b.get('a')} student"
+    bits = "mixed-precision" if summary.get("layer_rules") else f"W{b.get('w')}A{b.get('a')}"
+    title = (f"# {summary.get('model')} on {summary.get('dataset')}: BN-free {bits} student"
              f" (requant = {summary.get('requant')})")
     parts = [title, "",
              f"First/last layer weights at {b.get('first_last_w')} bits. Written {summary.get('written_at', '')}.",
              "", "## Headline", "", md_table(["result", "value"], headline_rows(summary)), "",
-             "## PTL stages", ""]
+             *precision_section(summary), "## PTL stages", ""]
     rows = stage_rows(summary)
     parts += [md_table(["stage", "kind", "steps", "seconds", "tandem top-1"], rows) if rows
               else "No distillation stage finished.", ""]

@@ -296,3 +296,37 @@ def plot_accuracy_vs_bits(series: dict, path: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+GRADIENT_PANELS = (("grad_norm/", "gradient norm per layer", True),
+                   ("clip_hi/", "fraction clipped at alpha (quantizer input, after pooling)", False),
+                   ("ste_cos/", "STE mismatch: cos(STE grad, float grad)", False))
+
+
+def plot_gradients(diagnostics: dict, path: Path) -> Optional[Path]:
+    """The gradient diagnostics per phase (x: the phases in order, each at its last logged
+    step), one panel per quantity, one line per layer; `readers.read_diagnostics`' output."""
+    phases = list(diagnostics)
+    panels = [(p, t, log) for p, t, log in GRADIENT_PANELS
+              if any(k.startswith(p) for d in diagnostics.values() for k in d)]
+    if not panels:
+        return None
+    fig = _figure(max(7.0, 0.9 * len(phases) + 4), 3.2 * len(panels))
+    for i, (prefix, title, log) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        layers = list(dict.fromkeys(k[len(prefix):] for d in diagnostics.values() for k in d if k.startswith(prefix)))
+        for j, layer in enumerate(layers):
+            ys = [diagnostics[ph].get(prefix + layer, np.nan) for ph in phases]
+            if log:
+                ys = [y if y > 0 else np.nan for y in ys]
+            ax.plot(range(len(phases)), ys, marker="o", ms=4, color=f"C{j % 10}", label=layer,
+                    ls="-" if j < 10 else "--")
+        if log and any(v > 0 for d in diagnostics.values() for k, v in d.items() if k.startswith(prefix)):
+            ax.set_yscale("log")
+        _layer_axis(ax, phases)
+        for lab in ax.get_xticklabels():
+            lab.set_rotation(30)
+            lab.set_ha("right")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)

@@ -37,6 +37,30 @@ def read_metrics(path: Path) -> dict:
     return {ph: (sorted(d), [d[k] for k in sorted(d)]) for ph, d in by_phase.items()}
 
 
+DIAGNOSTIC_PREFIXES = ("grad_norm/", "clip_hi/", "clip_lo/", "ste_cos/")  # train/diagnostics.py's keys
+
+
+def read_diagnostics(path: Path) -> dict:
+    """metrics.jsonl → {phase: {diagnostic key: value}}: each phase's last logged gradient
+    diagnostics (its state at the end of the phase), phases in order of first appearance."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out: dict = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        found = {k: float(v) for k, v in rec.items() if k.startswith(DIAGNOSTIC_PREFIXES)
+                 and isinstance(v, (int, float)) and math.isfinite(v)}
+        if found:
+            out.setdefault(str(rec.get("phase", "train")), {}).update(found)
+    return out
+
+
 def read_manifest(workdir: Path) -> dict:
     path = Path(workdir) / "export" / "manifest.json"
     try:

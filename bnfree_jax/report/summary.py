@@ -39,6 +39,9 @@ def build_summary(workdir, *, wall_seconds: float, float_params_bytes: int) -> d
         "dataset": c["data"]["name"], "model": m["name"], "requant": m["requant"],
         "eval_split": eval_split(c),
         "bits": {"w": m["w_bits"], "a": m["a_bits"], "first_last_w": m["first_last_w_bits"]},
+        "layer_rules": m.get("layers") or [],
+        "layers": m.get("layer_table"),  # the resolved per-layer table; None in a workdir pinned before it
+        "plugins": dict(zip(m.get("plugins") or [], m.get("plugin_sha256") or [])),
         "teacher_top1": (ledger.get("teacher") or {}).get("top1"),
         "qat_teacher_top1": (ledger.get("qat") or {}).get("top1"),
         "student_fakequant_top1": ex.get("student_fakequant_top1"),

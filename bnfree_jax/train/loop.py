@@ -184,7 +184,8 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
              data_iterator: Any = None, extra: dict | None = None,
              metrics_path: str | os.PathLike | None = None, phase: str = "train",
              log_every: int = 50, progress: bool = True,
-             on_metrics: Callable[[dict], None] | None = None, probe: Any = None) -> Any:
+             on_metrics: Callable[[dict], None] | None = None, probe: Any = None,
+             diagnostics: Callable | None = None) -> Any:
     """Run ``step_fn(state, frozen, batch)`` from ``state.step`` up to ``num_steps``.
 
     ``state`` and ``frozen`` should already be on the mesh (``phase.on_mesh``): only
@@ -206,6 +207,10 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
     ``probe`` (``telemetry.PhaseProbe``) sees each step before and after its dispatch
     (the step's FLOPs, a profiler trace) and every fetched record (rates, MFU, the
     TensorBoard scalars); it adds no host sync but the end of a traced range.
+
+    ``diagnostics(state, frozen, batch) -> {key: scalar}`` (``diagnostics.make_diagnostics``)
+    runs on a log step's state and batch just before the step, and its values join that
+    step's record: only the written records carry them, the step itself is unchanged.
     """
     start = int(np.asarray(jax.device_get(state.step)))
     if start >= num_steps:
@@ -252,7 +257,10 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
                 batch = feed.take()
                 if probe is not None:
                     probe.before_step(step, step_fn, state, frozen, batch)
+                logged = step % every == 0 or step == num_steps
+                diag = diagnostics(state, frozen, batch) if diagnostics is not None and logged else {}
                 state, dev_metrics = step_fn(state, frozen, batch)
+                dev_metrics = {**dev_metrics, **diag}
                 del batch
                 if probe is not None:
                     probe.after_step(step, state)
@@ -261,7 +269,7 @@ def run_loop(*, step_fn: Callable, state: Any, frozen: Any, batches: Iterable[di
                 stop = should_stop(step)
                 saving = checkpointer is not None and (stop or step == num_steps
                                                        or checkpointer.should_save(step))
-                if saving or stop or step % every == 0 or step == num_steps:
+                if saving or stop or logged:
                     pending = (step, dev_metrics, seen)
                 if saving:
                     flush()  # everything up to the saved step checked finite first

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import jax
 
 from bnfree_jax.train.checkpoint import Checkpointer, abstract_like
+from bnfree_jax.train.diagnostics import make_diagnostics
 from bnfree_jax.train.loop import run_loop
 from bnfree_jax.train.mesh import replicated
 from bnfree_jax.train.step import make_train_step
@@ -72,13 +73,15 @@ def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, 
             state, extra = on_mesh(like_state, rt.mesh), {}
         if steps > 0:
             step_fn = make_train_step(loss_fn, tx, rt.mesh, compute_dtype=rt.compute_dtype)
+            diagnostics = (make_diagnostics(loss_fn, rt.mesh, compute_dtype=rt.compute_dtype)
+                           if rt.grad_diagnostics else None)
             probe = PhaseProbe(phase, rt.mesh, rt.events, rt.profile_steps,
                                rt.profile_dir and f"{rt.profile_dir}/{phase}")
             try:
                 state = run_loop(step_fn=step_fn, state=state, frozen=on_mesh(frozen, rt.mesh), batches=batches,
                                  mesh=rt.mesh, num_steps=steps, checkpointer=ckpt, data_iterator=batches,
                                  extra={"phase": phase, "record": extra}, metrics_path=rt.metrics_path,
-                                 phase=phase, log_every=rt.log_every, probe=probe)
+                                 phase=phase, log_every=rt.log_every, probe=probe, diagnostics=diagnostics)
             finally:
                 probe.close()
     finally:

@@ -22,3 +22,4 @@ class Runtime:
     events: Any = None  # telemetry.EventLog: TensorBoard scalars of every phase (process 0)
     profile_steps: Optional[tuple[int, int]] = None  # (A, B): a profiler trace of steps A..B of each phase
     profile_dir: Optional[Any] = None  # WORKDIR/profile
+    grad_diagnostics: bool = True  # gradient norms, clip fractions, STE cosine at every log step

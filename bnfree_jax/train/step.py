@@ -37,6 +37,27 @@ def _pmean_floats(tree: Any) -> Any:
     return jax.tree.map(avg, tree)
 
 
+def device_gradients(loss_fn: LossFn, state: TrainState, frozen: Any, batch: Any, compute_dtype=None):
+    """(model state, metrics with 'loss', gradients, next rng) of one step, averaged over ``'data'``:
+    what the training step computes before its update, shared with the diagnostics probe
+    (``train.diagnostics``) so that its gradients are the step's own (same rng, same dtype)."""
+    step_rng, next_rng = jax.random.split(state.rng)
+    dev_rng = jax.random.fold_in(step_rng, lax.axis_index(DATA_AXIS))
+
+    def objective(params):
+        loss, (new_ms, metrics) = loss_fn(params, state.model_state, frozen, batch, dev_rng)
+        return loss.astype(jnp.float32), (new_ms, metrics)
+
+    with compute_dtype_scope(compute_dtype):
+        (loss, (new_ms, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params)
+    grads = lax.pmean(grads, DATA_AXIS)
+    new_ms = _pmean_floats(new_ms)
+    metrics = _pmean_floats({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+    metrics["loss"] = lax.pmean(loss, DATA_AXIS)
+    return new_ms, metrics, grads, next_rng
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh, *,
                     donate: bool = True, compute_dtype=None):
     """Build ``step(state, frozen, batch) -> (state, metrics)``, jitted over ``mesh``.
@@ -56,20 +77,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     """
 
     def per_device(state: TrainState, frozen: Any, batch: Any):
-        step_rng, next_rng = jax.random.split(state.rng)
-        dev_rng = jax.random.fold_in(step_rng, lax.axis_index(DATA_AXIS))
-
-        def objective(params):
-            loss, (new_ms, metrics) = loss_fn(params, state.model_state, frozen, batch, dev_rng)
-            return loss.astype(jnp.float32), (new_ms, metrics)
-
-        with compute_dtype_scope(compute_dtype):
-            (loss, (new_ms, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-                state.params)
-        grads = lax.pmean(grads, DATA_AXIS)
-        new_ms = _pmean_floats(new_ms)
-        metrics = _pmean_floats({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
-        metrics["loss"] = lax.pmean(loss, DATA_AXIS)
+        new_ms, metrics, grads, next_rng = device_gradients(loss_fn, state, frozen, batch, compute_dtype)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, model_state=new_ms,

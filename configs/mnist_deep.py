@@ -1,0 +1,42 @@
+"""The deep plain network (`vgg_plain`: 12 3×3 convs + 2 dense, no residuals) on the
+embedded MNIST, where BN-free end-to-end training loses BN's stability (docs/results.md,
+"Where BatchNorm matters"). Budgets per phase sized so one full job fits in about an hour
+on a 2-core machine.
+
+Arguments as configs/mnist_alexnet.py (`quick`, `wXaY`, `channel`) plus `holdout` (train on
+the first 50,000 images and evaluate on the last 10,000, for choices); `bnfree sweep` with
+this config runs PTL and every baseline at W4A4 and W2A2 under requant="layer", 3 seeds
+(`seeds=N` to change).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def _base(arg: str):
+    spec = importlib.util.spec_from_file_location("mnist_alexnet", Path(__file__).with_name("mnist_alexnet.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def get_config(arg: str = ""):
+    args = [a.strip() for a in (arg or "").split(",") if a.strip()]
+    own = [a for a in args if a == "holdout" or a.startswith("seeds=")]
+    c = _base(",".join(a for a in args if a not in own))
+    c.model.name = "vgg_plain"
+    if "quick" not in args:
+        c.teacher.steps, c.qat.steps = 1200, 600
+        c.ptl.local_init_steps, c.ptl.stage_steps, c.ptl.finetune_steps = 60, 150, 600
+    c.sweep = ml_collections.ConfigDict(dict(
+        bits=["w4a4", "w2a2"], requant=["layer"], seeds=[0, 1, 2],
+        baselines=["fold", "fold_qat", "scratch", "no_local", "no_comp"],
+        binary_qat_steps=c.qat.steps, binary_qat_lr=c.qat.optim.lr))
+    for a in own:
+        if a == "holdout":
+            c.data.holdout = 10000
+        else:
+            c.sweep.seeds = list(range(int(a.split("=")[1])))
+    return c
