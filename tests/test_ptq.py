@@ -172,7 +172,7 @@ def test_mse_weight_calibration_clips_to_the_mse_range(ptq_wd):
     (["--calib", "percentile", "--percentile", "0"], "outside (0, 100]"),
     (["--calib", "percentile", "--percentile", "100.5"], "outside (0, 100]"),
     (["--weight-calib", "lsq"], "--weight-calib 'lsq'"),
-    (["model.w_bits=2"], "was started with a different config (changed: model.w_bits)"),
+    (["model.w_bits=2"], "was started with a different config (changed: "),
 ])
 def test_bad_input_is_one_line_and_leaves_the_workdir(teacher_wd, tmp_path, capsys, args, says):
     from bnfree_jax import cli
@@ -189,6 +189,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir(teacher_wd, tmp_path, caps
         assert stop.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
+        assert not args[0].startswith("model.") or "model.w_bits" in err[0]
     assert _tree(wd) == before and not fresh.exists()
 
 
