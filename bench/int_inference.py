@@ -20,47 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _artifacts import MEAN, STD, export  # noqa: E402
+from _artifacts import MEAN, SHAPE, STD, export  # noqa: E402
+from _onnx import float_onnx, onnx_input  # noqa: E402
 from _common import emit, machine, rate, time_per_call  # noqa: E402
 from bnfree_jax.intsim import load_artifact, run_int  # noqa: E402
-
-
-def float_onnx(specs, params, path: str) -> None:
-    """The student's float weights (alpha folded, beta as bias) as a plain fp32 ONNX graph."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes, inits, x = [], [], "input"
-    for i, s in enumerate(specs):
-        p = params[s.name]
-        w = np.asarray(p["kernel"], np.float32) * np.asarray(p["alpha"], np.float32)
-        if i == 0:
-            w = w / np.asarray(STD, np.float32)[:, None]
-        b = np.asarray(p["beta"], np.float32)
-        inits += [numpy_helper.from_array(b, f"b{i}")]
-        if s.kind == "conv":
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1))), f"w{i}"))
-            nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"y{i}"], kernel_shape=[s.kernel] * 2,
-                                          pads=[s.kernel // 2] * 4))
-        else:
-            if specs[i - 1].kind == "conv":
-                nodes += [helper.make_node("Transpose", [x], [f"t{i}"], perm=[0, 2, 3, 1]),
-                          helper.make_node("Flatten", [f"t{i}"], [f"f{i}"], axis=1)]
-                x = f"f{i}"
-            inits.append(numpy_helper.from_array(w, f"w{i}"))
-            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-                      helper.make_node("Add", [f"m{i}", f"b{i}"], [f"y{i}"])]
-        x = f"y{i}"
-        if not s.last:
-            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
-            x = f"r{i}"
-            if s.pool:
-                nodes.append(helper.make_node("MaxPool", [x], [f"p{i}"], kernel_shape=[s.pool] * 2, strides=[s.pool] * 2))
-                x = f"p{i}"
-    nodes.append(helper.make_node("Identity", [x], ["logits"]))
-    graph = helper.make_graph(nodes, "alexnet_cifar", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
 
 
 def quantize(src: str, dst: str, fmt: str, calib: np.ndarray) -> None:
@@ -110,11 +73,10 @@ def main(argv=None):
             t, _ = time_per_call(lambda: jax.block_until_ready(fq(params, images)), repeats=args.repeats, inner=args.inner)
             out[f"flax_fakequant_w{w}a{a}_images_per_s"] = rate(args.batch, t)
         fp32 = os.path.join(tmp, "fp32.onnx")
-        float_onnx(specs, params, fp32)
-        z = np.round(255 * np.asarray(MEAN)).astype(np.float32)
-        x = np.ascontiguousarray(np.transpose((images.astype(np.float32) - z) / 255.0, (0, 3, 1, 2)))
-        calib = np.transpose((rng.integers(0, 256, (128, 32, 32, 3)).astype(np.float32) - z) / 255.0, (0, 3, 1, 2))
-        calib = np.ascontiguousarray(calib, np.float32)
+        float_onnx(specs, params, [1.0 / s for s in STD], SHAPE, fp32)
+        z = np.round(255 * np.asarray(MEAN))
+        x = onnx_input(images, z)
+        calib = onnx_input(rng.integers(0, 256, (128, *SHAPE), dtype=np.uint8), z)
         out["ort_fp32_images_per_s"] = ort_rate(fp32, x, args.threads, args.repeats, args.inner)
         for fmt in ("qoperator", "qdq"):
             q = os.path.join(tmp, f"{fmt}.onnx")

@@ -21,7 +21,10 @@ NAN, INF = math.nan, math.inf
 
 @pytest.fixture(scope="module")
 def base() -> dict:
-    return to_dict(load_config(SWEEP))  # the sweep config: every key of the schema, sweep block included
+    """The sweep config with the PTQ sweep's block too: every key of the schema."""
+    c = to_dict(load_config(SWEEP))
+    c["ptq_sweep"] = to_dict(load_config(str(ROOT / "configs" / "mnist_ptq_sweep.py")))["ptq_sweep"]
+    return c
 
 
 def _with(config: dict, key: str, value) -> dict:
@@ -47,6 +50,9 @@ BAD = [
     ("mesh.platform", "cuda"), ("mesh.platform", None),
     ("model.layers", [("conv1",)]), ("model.layers", "conv1"), ("model.layer_table", [{"name": "conv1"}]),
     ("checkpoint.grad_diagnostics", "yes"),
+    ("ptq_sweep.methods", ["kl"]), ("ptq_sweep.methods", []), ("ptq_sweep.percentiles", [0.0]),
+    ("ptq_sweep.percentiles", [100.5]), ("ptq_sweep.bits", ["w9a8"]), ("ptq_sweep.images", [0]),
+    ("ptq_sweep.requant", ["rows"]), ("ptq_sweep.samples", [-1]), ("ptq_sweep.weight_calib", "lsq"),
     # budgets: steps >= 1 where a phase must train, >= 0 where 0 skips
     ("teacher.steps", 0), ("teacher.steps", -5), ("qat.steps", 0), ("ptl.stage_steps", -5),
     ("ptl.stage_steps", 0), ("ptl.local_init_steps", -1), ("ptl.finetune_steps", -1),

@@ -217,7 +217,7 @@ def test_float_onnx_graph_is_the_folded_float_teacher(ptq_wd):
     """bench/ptq_vs_ort.py's float graph computes the float teacher's logits."""
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
-    from ptq_vs_ort import float_onnx, onnx_input
+    from _onnx import float_onnx, onnx_input
 
     from bnfree_jax.nn.network import STUDENT, TEACHER
     from bnfree_jax.pipeline.ptq import fold_float_teacher

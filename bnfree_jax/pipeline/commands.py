@@ -140,6 +140,9 @@ def ptq(config, workdir: Path, args) -> int:
     check_calibration_images(config, opts)  # before the workdir is touched
     with open_job(config, workdir, False, "bnfree ptq", args.profile_steps) as (ctx, ledger):
         summary = run_ptq(ctx, ledger, opts, t0)
+        barrier("bnfree_ptq_done")
+    if summary is None:  # not process 0
+        return 0
     print_summary(summary)
     print(json.dumps({"artifact": str(as_path(workdir) / "ptq" / opts.tag / "export"),
                       "teacher_top1": summary["teacher_top1"], "student_int_top1": summary["student_int_top1"],

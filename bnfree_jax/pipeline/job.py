@@ -7,8 +7,8 @@ from bnfree_jax.data.storage import Path, as_path, remove
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
 from bnfree_jax.pipeline.ledger import Ledger
 
-GENERATED = ("checkpoints", "teacher", "qat", "ptl", "baselines", "export", "report", "tensorboard", "profile", "phases.json",
-             "metrics.jsonl", "config.json")
+GENERATED = ("checkpoints", "teacher", "qat", "ptl", "ptq", "baselines", "export", "report", "tensorboard", "profile",
+             "phases.json", "metrics.jsonl", "config.json")
 
 
 def read_pinned(workdir: Path) -> dict:

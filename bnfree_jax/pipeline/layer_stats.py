@@ -113,8 +113,10 @@ def _info(spec: LayerSpec) -> LayerInfo:
 
 
 def collect_layer_stats(nets, feed, student: Optional[dict], teacher: Optional[dict],
-                        n_probe: int = 512) -> Optional[LayerStats]:
-    """Scales, clipping and histogram samples of the final student; None without a student."""
+                        n_probe: int = 512, teacher_quantized: bool = True) -> Optional[LayerStats]:
+    """Scales, clipping and histogram samples of the final student against `teacher` (the
+    QAT teacher's variables, or with `teacher_quantized=False` the float teacher's); None
+    without a student."""
     if student is None:
         return None
     specs = nets.specs(quantized=True)
@@ -122,7 +124,8 @@ def collect_layer_stats(nets, feed, student: Optional[dict], teacher: Optional[d
     images = feed.eval_arrays(n_probe)[0]
     s_pre = capture_pre(nets.network(STUDENT), {"params": student}, images) if len(images) else None
     s_in = quantizer_inputs(nets.network(STUDENT), {"params": student}, images) if len(images) else None
-    t_pre = capture_pre(nets.network(TEACHER), teacher, images) if len(images) and teacher else None
+    t_pre = (capture_pre(nets.network(TEACHER, quantized=teacher_quantized), teacher, images)
+             if len(images) and teacher else None)
     none = [None] * len(specs)
     return LayerStats(
         names=[s.name for s in specs], specs=[_info(s) for s in specs],

@@ -36,15 +36,13 @@ from bnfree_jax.data.storage import as_path
 from bnfree_jax.distill.fold import fold_layer
 from bnfree_jax.nn.network import STUDENT, max_pool
 from bnfree_jax.nn.weights import along_input, channel_axis
+from bnfree_jax.pipeline.context import is_primary
 from bnfree_jax.pipeline.export_phase import export_student
 from bnfree_jax.pipeline.jsonfile import write_json
 from bnfree_jax.pipeline.layer_stats import collect_layer_stats, has_act_quantizer
 from bnfree_jax.pipeline.ledger import Ledger
-from bnfree_jax.pipeline.report_phase import float_param_bytes
+from bnfree_jax.pipeline.report_phase import write_report
 from bnfree_jax.pipeline.teacher import run_teacher_phases
-from bnfree_jax.report.layer_stats import save_layer_stats
-from bnfree_jax.report.markdown import write_markdown
-from bnfree_jax.report.summary import build_summary
 
 WEIGHT_CALIBS = ("minmax", "mse")
 CALIB_BATCH = 256  # images per calibration step: the calibrators see one batch at a time
@@ -243,26 +241,12 @@ def calibration_context(ctx, opts: PtqOptions):
     return dataclasses.replace(ctx, workdir=as_path(ctx.workdir) / "ptq" / opts.tag, config=config)
 
 
-def write_ptq_report(ctx, ledger: Ledger, params: dict, calibration: dict, wall_seconds: float) -> dict:
-    """report/ of a calibration as `bnfree run` writes it (the layer statistics are the PTQ
-    student's), with the summary naming the calibration."""
-    t0 = time.time()
-    out = ctx.workdir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    save_layer_stats(collect_layer_stats(ctx.nets, ctx.feed, params, None), out)
-    summary = build_summary(ctx.workdir, wall_seconds=wall_seconds, float_params_bytes=float_param_bytes(ctx.nets))
-    summary["calibration"] = calibration
-    write_markdown(ctx.workdir, summary, out, log=ctx.log)
-    summary["phase_seconds"]["report"] = round(time.time() - t0, 2)
-    write_json(out / "summary.json", summary, indent=1)
-    ledger.mark_done("report", seconds=summary["phase_seconds"]["report"])
-    return summary
-
-
 def run_ptq(ctx, ledger: Ledger, opts: PtqOptions, t0: float | None = None) -> dict:
     """Teacher (if not done), calibration, export and verification, report; the summary."""
     t0 = time.time() if t0 is None else t0
     float_vars, _ = run_teacher_phases(ctx, ledger, qat=False)
+    if not is_primary():  # calibration, export and verification are single-host work, as in `run`
+        return None
     sub = calibration_context(ctx, opts)
     sub.workdir.mkdir(parents=True, exist_ok=True)
     write_json(sub.workdir / "config.json", to_dict(sub.config), indent=1, sort_keys=True)
@@ -272,4 +256,6 @@ def run_ptq(ctx, ledger: Ledger, opts: PtqOptions, t0: float | None = None) -> d
     params, calibration = ptq_student(sub, float_vars, opts)  # deterministic: a rerun finds the same
     sub.log(f"[ptq] {opts.tag}: act_alpha " + " ".join(f"{k}={v:.4g}" for k, v in calibration["act_alpha"].items()))
     export_student(sub, sub_ledger, params=params)
-    return write_ptq_report(sub, sub_ledger, params, calibration, wall_seconds=time.time() - t0)
+    stats = lambda c: collect_layer_stats(c.nets, c.feed, params, float_vars, teacher_quantized=False)  # noqa: E731
+    return write_report(sub, sub_ledger, wall_seconds=time.time() - t0, measure=stats,
+                        extra={"calibration": calibration})

@@ -25,12 +25,14 @@ def float_param_bytes(nets) -> int:
     return int(sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(v["params"])))
 
 
-def write_report(ctx, ledger, wall_seconds: float) -> dict:
+def write_report(ctx, ledger, wall_seconds: float, measure=job_layer_stats, extra: dict | None = None) -> dict:
+    """report/ of the job: `measure(ctx)` gives the layer statistics (by default the final
+    PTL student's against the QAT teacher), `extra` adds fields to the summary."""
     t0 = time.time()
     out = ctx.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     try:
-        stats = job_layer_stats(ctx)
+        stats = measure(ctx)
     except Exception as e:  # a figure must never sink the report
         ctx.log(f"[report] layer statistics unavailable: {type(e).__name__}: {e}")
         stats = None
@@ -40,6 +42,7 @@ def write_report(ctx, ledger, wall_seconds: float) -> dict:
         for name in (JSON_FILE, NPZ_FILE):
             (out / name).unlink(missing_ok=True)
     summary = build_summary(ctx.workdir, wall_seconds=wall_seconds, float_params_bytes=float_param_bytes(ctx.nets))
+    summary.update(extra or {})
     write_markdown(ctx.workdir, summary, out, log=ctx.log)
     seconds = round(time.time() - t0, 2)
     summary["phase_seconds"]["report"] = seconds
