@@ -60,7 +60,8 @@ PLUGIN_SRC = textwrap.dedent('''
 ''')
 # The plug-in's quantizers on the convolutions, by a per-layer rule; the logits layer keeps the built-ins.
 RULES = [("conv.*", {"weight_quantizer": "damped_maxabs", "act_quantizer": "pact_codes_alpha"})]
-USE = [f"model.plugins=['{PLUGIN}']", f"model.layers={RULES!r}"]
+USE = [f"model.plugins=['{PLUGIN}']", f"model.layers={RULES!r}", "checkpoint.grad_diagnostics=True",
+       "checkpoint.log_every=5"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,25 @@ def test_plugin_job_is_pinned_and_exports_bit_exact(plugin_job, plugin_dir, tiny
     # ... from the first stage on, not only in the fine-tune
     stage = lambda wd: json.loads((wd / "phases.json").read_text())["ptl/stage1_conv1"]["metrics"]
     assert stage(plugin_job)["layer_mse_end"] != stage(tiny_job)["layer_mse_end"]
+
+
+def test_plugin_job_logs_gradient_diagnostics_and_draws_them(plugin_job, tiny_job):
+    """The diagnostics of a real job: on log steps only, STE cosines in the student phases
+    only; the report's figure; none in a job that turned them off."""
+    recs = [json.loads(line) for line in (plugin_job / "metrics.jsonl").read_text().splitlines()]
+    diag = [r for r in recs if "grad_norm/S/conv1" in r or "grad_norm/conv1" in r]
+    phases = {r["phase"] for r in diag}
+    assert {"teacher", "qat", "local_init", "stage1_conv1", "finetune"} <= phases
+    for phase in phases:  # every 5th step and the phase's last, nothing else
+        last = max(r["step"] for r in recs if r.get("phase") == phase)
+        want = {s for s in range(1, last + 1) if s % 5 == 0} | {last}
+        assert sorted(r["step"] for r in diag if r["phase"] == phase) == sorted(want), phase
+    assert all(("ste_cos/conv1" in r) == (r["phase"] not in ("teacher", "qat")) for r in diag)
+    assert all(("clip_hi/conv1" in r) == (r["phase"] != "teacher") for r in diag)  # the float teacher has no clip
+    assert all(0.0 <= r["clip_hi/conv1"] <= 1.0 for r in diag if r["phase"] != "teacher")
+    assert (plugin_job / "report" / "gradients.png").stat().st_size > 5_000
+    plain = (tiny_job / "metrics.jsonl").read_text()
+    assert "grad_norm/" not in plain and not (tiny_job / "report" / "gradients.png").exists()
 
 
 def test_changed_plugin_file_refuses_the_rerun_naming_it(plugin_job, plugin_dir):
