@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from _common import emit, machine, rate, time_per_call  # noqa: E402
 from bnfree_jax import data as data_lib  # noqa: E402
 from bnfree_jax.intsim import evaluate, load_artifact, run_int  # noqa: E402
+from bnfree_jax.nn.zoo import get_layer_specs, layer_table  # noqa: E402
 from bnfree_jax.train.feed import Feed  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def measure_job(workdir: str, images, labels, latency_images: int, repeats: int)
     art_dir = os.path.join(workdir, "export")
     manifest = json.load(open(os.path.join(art_dir, "manifest.json")))
     model = manifest["config"]["model"]
+    table = model.get("layer_table") or layer_table(get_layer_specs(  # a job from before the table was recorded
+        model["name"], model["num_classes"], model["w_bits"], model["a_bits"], model["first_last_w_bits"]))
     art = load_artifact(art_dir)
     res = evaluate(art, images, labels, batch_size=1000)
     one = lambda i: jax.block_until_ready(run_int(art, images[i:i + 1]))  # noqa: E731
@@ -62,8 +65,8 @@ def measure_job(workdir: str, images, labels, latency_images: int, repeats: int)
         waits.append(time.perf_counter() - t0)
     batch = images[:256]
     t, _ = time_per_call(lambda: jax.block_until_ready(run_int(art, batch)), repeats=repeats, inner=1)
-    return {"workdir": workdir, "seed": manifest["config"]["seed"], "precision": precision_label(model["layer_table"]),
-            "layer_table": model["layer_table"], "test_int_top1": res["top1"], "n_test": res["n"],
+    return {"workdir": workdir, "seed": manifest["config"]["seed"], "precision": precision_label(table),
+            "layer_table": table, "qat_steps": manifest["config"]["qat"]["steps"], "test_int_top1": res["top1"], "n_test": res["n"],
             "artifact_bytes": os.path.getsize(os.path.join(art_dir, "model.safetensors")),
             "latency_ms_p50": round(1e3 * float(np.percentile(waits, 50)), 3),
             "latency_ms_p95": round(1e3 * float(np.percentile(waits, 95)), 3),
