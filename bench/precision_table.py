@@ -88,6 +88,21 @@ def grouped(rows: list[dict]) -> dict:
     return out
 
 
+def markdown(groups: dict) -> str:
+    """The groups as a markdown table (mean ± std where n > 1)."""
+    def cell(g, k, fmt):
+        s = fmt.format(g[k])
+        return s + (" ± " + fmt.format(g[k + "_std"]) if k + "_std" in g else "")
+    lines = ["| precision (W/A per layer) | n | integer top-1 on test % | model.safetensors (B) | latency p50 / p95 at "
+             "batch 1 (ms) | images/s at batch 256 |", "|---|---|---|---|---|---|"]
+    for p, g in groups.items():
+        top1 = {k: 100 * v for k, v in g.items() if k.startswith("test_int_top1")}
+        lines.append(f"| {p} | {g['n']} | {cell(top1, 'test_int_top1', '{:.2f}')} | {g['artifact_bytes']:,.0f} | "
+                     f"{cell(g, 'latency_ms_p50', '{:.2f}')} / {cell(g, 'latency_ms_p95', '{:.2f}')} | "
+                     f"{cell(g, 'images_per_s_b256', '{:,.0f}')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdirs", nargs="+", help="finished `bnfree run` workdirs (with export/)")
@@ -106,6 +121,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
+    print(markdown(result["groups"]), file=sys.stderr)
     emit({k: v for k, v in result.items() if k != "rows"})
 
 
