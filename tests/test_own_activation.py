@@ -2,6 +2,7 @@
 quantizer (the gradient with respect to its clip `act_alpha`), and nothing else of S_ℓ."""
 
 import dataclasses
+import io
 from contextlib import closing
 
 import jax
@@ -84,7 +85,7 @@ def test_plan_marks_the_own_activation_of_every_stage_with_something_downstream(
     assert [s.labels for s in off] == [s.labels for s in build_stage_plan(_env(ctx, True).ptl, names)]
     head = next(s for s in build_stage_plan(_env(ctx, True, head_layers=2).ptl, names) if s.first)
     assert head.converts == range(2, 4) and not head.own_activation  # end to end already
-    console = Console(record=True, width=300)
+    console = Console(record=True, width=300, file=io.StringIO())
     console.print(plan_table(on))
     assert "S:conv1.act_alpha" in console.export_text()
 
