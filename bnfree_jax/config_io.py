@@ -28,7 +28,8 @@ RETIRED = ("export.logit_bits", "distributed.")
 ADDED = {"model.weight_quantizer": "maxabs", "model.act_quantizer": "pact", "model.plugins": [],
          "model.layers": [],
          # the input pipeline and metrics fetches as they were before these keys existed
-         "checkpoint.log_every": 50, "checkpoint.grad_diagnostics": True, "data.workers": 0, "data.read_threads": 2, "data.prefetch": 4}
+         "checkpoint.log_every": 50, "checkpoint.grad_diagnostics": True, "data.workers": 0, "data.read_threads": 2,
+         "data.prefetch": 4, "ptl.train_own_activation": False}
 
 
 def setting(config, key: str):

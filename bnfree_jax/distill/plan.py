@@ -11,6 +11,7 @@ import dataclasses
 from typing import Sequence
 
 TRAINABLE, SLOW, FROZEN, UNUSED = "trainable", "slow", "frozen", "unused"
+ACT_ALPHA = "act_alpha"  # a student layer's learnable activation clip (nn/network.py: Layer.activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Stage:
     steps: int
     losses: dict  # loss name -> weight
     first: int = 0  # a tandem stage converts layers first..layer (0: layer alone)
+    own_activation: bool = False  # the downstream loss trains S_ℓ's activation quantizer (its α, full rate)
 
     @property
     def layer_name(self) -> str:
@@ -35,6 +37,14 @@ class Stage:
 
     def groups(self, label: str) -> list[str]:
         return [g for g, lab in self.labels.items() if lab == label]
+
+    def param_label(self, group: str, param: str) -> str:
+        """The label of one parameter of a group: the group's, except S_ℓ's activation clip,
+        which trains at the full rate when the downstream loss reaches it (it is not part of
+        the closed-form fit that `own_layer_rate="slow"` protects)."""
+        if self.own_activation and param == ACT_ALPHA and group == f"S:{self.layer_name}":
+            return TRAINABLE
+        return self.labels[group]
 
 
 def _group(role: str, name: str) -> str:
@@ -66,6 +76,7 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
     if not 1 <= head <= L:
         raise ValueError(f"ptl.head_layers must be in 1..{L} (this network's layers), got {head}")
     losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}
+    own_act = train_own_activation(ptl_cfg)
     for l in range(1, L + 1 if head == 1 else L - head + 1):
         labels = {}
         for i in range(L):
@@ -75,7 +86,8 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
                 labels[s_groups[i]], labels[t_groups[i]] = own, replaced
             else:
                 labels[s_groups[i]], labels[t_groups[i]] = UNUSED, downstream
-        plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses))
+        plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses,
+                          own_activation=own_act and l < L))  # S_L makes the logits: nothing downstream
     if head > 1:  # the last `head` layers converted together, trained end to end, same budget
         first = L - head + 1
         labels = {}
@@ -89,6 +101,11 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
         plan.append(Stage("finetune", "finetune", 0, labels, ptl_cfg.finetune_steps,
                           {"ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}))
     return plan
+
+
+def train_own_activation(ptl_cfg) -> bool:
+    """`ptl.train_own_activation`; off when a config predates the key (config_io.ADDED)."""
+    return bool(ptl_cfg.get("train_own_activation", False))  # its value checked by pipeline.validate
 
 
 def total_steps(plan: Sequence[Stage]) -> int:
@@ -105,6 +122,7 @@ def plan_table(plan: Sequence[Stage]):
         t.add_column(col)
     short = lambda gs: ", ".join(gs) if gs else "-"
     for s in plan:
-        t.add_row(s.name, str(s.steps), short(s.groups(TRAINABLE)), short(s.groups(SLOW)),
+        own_act = [f"S:{s.layer_name}.{ACT_ALPHA}"] if s.own_activation else []
+        t.add_row(s.name, str(s.steps), short(s.groups(TRAINABLE) + own_act), short(s.groups(SLOW)),
                   short(s.groups(FROZEN)), ", ".join(f"{k}×{v:g}" for k, v in s.losses.items()))
     return t

@@ -43,7 +43,8 @@ def stage_loss(env, stage: Stage, student_net, teacher_net):
     L, l = len(student_net.specs), stage.layer
     prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN for s in student_net.specs[: l - 1])
     return make_tandem_loss(env.nets.network(tandem_roles(L, l)), env.nets.network(tandem_roles(L, l - 1)),
-                            teacher_net, l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(stage))
+                            teacher_net, l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(stage),
+                            own_activation=stage.own_activation)
 
 
 def target_mode(stage: Stage) -> str:

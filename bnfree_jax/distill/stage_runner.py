@@ -27,14 +27,16 @@ class Trees:
 
 
 def split(stage: Stage, trees: Trees) -> tuple[dict, dict, dict]:
-    """(trainable params, frozen tree, optimizer labels) for a stage."""
+    """(trainable params, frozen tree, optimizer labels) for a stage; a parameter's label
+    is its group's unless the stage says otherwise (`Stage.param_label`)."""
     params, frozen, labels = {"S": {}, "T": {}}, {"S": {}, "T": {}}, {"S": {}, "T": {}}
     for group, label in stage.labels.items():
         role, name = group.split(":")
         src = trees.S if role == "S" else trees.T
         if label in (TRAINABLE, SLOW):
             params[role][name] = src[name]
-            labels[role][name] = jax.tree.map(lambda _: label, src[name])
+            labels[role][name] = jax.tree_util.tree_map_with_path(
+                lambda path, _: stage.param_label(group, path[0].key), src[name])
         elif label == FROZEN:
             frozen[role][name] = src[name]
         elif label != UNUSED:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from bnfree_jax.distill.losses import relative_mse, task_losses
+from bnfree_jax.distill.plan import ACT_ALPHA
 from bnfree_jax.nn.network import STUDENT, TEACHER
 
 
@@ -69,13 +70,26 @@ def _student_input(tandem_net, variables, images, l: int, prefix_frozen: bool):
     return jax.lax.stop_gradient(h) if prefix_frozen else h
 
 
+def own_activation_output(tandem_net, variables, h, l: int):
+    """S_ℓ's output with everything before its activation quantizer held constant: the
+    downstream loss then reaches that quantizer (its STE's gradient with respect to its
+    clip `act_alpha`) and nothing else of S_ℓ or of the prefix, whose pre-activation
+    parameters learn from the layer-wise MSE alone."""
+    name = tandem_net.specs[l - 1].name
+    held = {k: v if k == ACT_ALPHA else jax.lax.stop_gradient(v) for k, v in variables["params"][name].items()}
+    return tandem_net.apply({**variables, "params": {**variables["params"], name: held}},
+                            jax.lax.stop_gradient(h), start=l - 1, stop=l)
+
+
 def make_tandem_loss(tandem_net, target_net, teacher_net, l: int, losses: dict, temperature: float,
-                     prefix_frozen: bool, target: str = "tandem"):
+                     prefix_frozen: bool, target: str = "tandem", own_activation: bool = False):
     """Stage ℓ: S_ℓ is fitted by the layer-wise MSE of its output to its target (see
     `layer_target`); T'_{ℓ+1..L} compensate by CE + KD of the tandem logits, which do
     not reach S_ℓ (its output enters T' through stop_gradient), except at ℓ = L where S_L
-    produces the logits itself. With a frozen prefix, S_1..S_{ℓ-1} run outside autodiff.
-    `target_net` is the tandem network of stage ℓ-1 (T'_ℓ still in place)."""
+    produces the logits itself, and, with `own_activation` (`ptl.train_own_activation`),
+    S_ℓ's activation clip (see `own_activation_output`). With a frozen prefix,
+    S_1..S_{ℓ-1} run outside autodiff. `target_net` is the tandem network of stage ℓ-1
+    (T'_ℓ still in place)."""
     specs = tandem_net.specs
 
     def loss_fn(params, model_state, frozen, batch, rng):
@@ -90,7 +104,8 @@ def make_tandem_loss(tandem_net, target_net, teacher_net, l: int, losses: dict, 
         act, trace = tandem_net.apply(variables, h, start=l - 1, stop=l, capture=True)
         layer_mse = relative_mse(trace[0][1], goal)
         if l < len(specs):  # S_ℓ learns from its target; T' compensates through the task loss
-            logits = tandem_net.apply(variables, jax.lax.stop_gradient(act), start=l)
+            out = own_activation_output(tandem_net, variables, h, l) if own_activation else jax.lax.stop_gradient(act)
+            logits = tandem_net.apply(variables, out, start=l)
         else:
             logits = act
         task, parts = task_losses(logits, batch["label"], t_logits, losses, temperature)

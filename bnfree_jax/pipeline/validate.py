@@ -190,6 +190,7 @@ _SECTIONS = {
             "kd_temperature": POSITIVE, "prefix": one_of((FROZEN, SLOW)), "local_init": boolean,
             "compensation": boolean, "layer_target": one_of(LAYER_TARGETS),
             "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
+            "train_own_activation": boolean,
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
     "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS, "grad_diagnostics": boolean},
     "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS)},
@@ -207,7 +208,11 @@ _OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim"
 OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform",
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
+<<<<<<< HEAD
             "model.layers", "model.layer_table"} | {
+=======
+            "ptl.train_own_activation"} | {
+>>>>>>> ownact
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
