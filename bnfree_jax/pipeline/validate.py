@@ -208,11 +208,7 @@ _OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim"
 OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform",
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
-<<<<<<< HEAD
-            "model.layers", "model.layer_table"} | {
-=======
-            "ptl.train_own_activation"} | {
->>>>>>> ownact
+            "model.layers", "model.layer_table", "ptl.train_own_activation", "checkpoint.grad_diagnostics"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
