@@ -4,6 +4,7 @@ between logged steps, and TensorBoard event files that hold them."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import jax
@@ -73,9 +74,31 @@ def test_a_job_writes_each_phases_losses_to_tensorboard(tiny_job):
     for phase in {r["phase"] for r in lines}:
         (events,) = (tiny_job / "tensorboard" / phase).glob("events.out.tfevents.*")
         loss = {step: value for tag, step, value in _scalars(events) if tag == "loss"}
+        lr = {step: value for tag, step, value in _scalars(events) if tag == "lr"}
         for r in lines:
-            if r["phase"] == phase:  # every logged loss, as float32
+            if r["phase"] == phase:  # every logged loss and learning rate, as float32
                 assert loss[r["step"]] == pytest.approx(r["loss"], rel=1e-6), (phase, r["step"])
+                assert lr[r["step"]] == pytest.approx(r["lr"], rel=1e-6), (phase, r["step"])
+
+
+def _warmup_cosine(peak: float, warmup: int, total: int, update: int) -> float:
+    """optax's linear warmup then cosine decay to 0, written out."""
+    if update < warmup:
+        return peak * update / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(update - warmup, total - warmup) / (total - warmup)))
+
+
+def test_logged_learning_rate_is_the_schedule_of_each_step(tiny_job):
+    config = json.loads((tiny_job / "config.json").read_text())
+    lines = [json.loads(x) for x in (tiny_job / "metrics.jsonl").read_text().splitlines()]
+    for phase in ("teacher", "qat"):
+        opt, total = config[phase]["optim"], config[phase]["steps"]
+        warmup = round(opt["warmup_steps"] * total)
+        rows = [r for r in lines if r["phase"] == phase]
+        assert rows
+        for r in rows:  # the update of step k is the schedule's count k - 1
+            assert r["lr"] == pytest.approx(_warmup_cosine(opt["lr"], warmup, total, r["step"] - 1), rel=1e-5)
+    assert all("lr" in r for r in lines)
 
 
 def test_profile_steps_write_a_trace(tmp_path):

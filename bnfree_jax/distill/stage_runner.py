@@ -10,7 +10,7 @@ import jax
 
 from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE, UNUSED, Stage
 from bnfree_jax.distill.teacher_cache import CachedBatches, TeacherCache
-from bnfree_jax.train.optim import carry_moments, make_staged_optimizer
+from bnfree_jax.train.optim import carry_moments, make_schedule, make_staged_optimizer
 from bnfree_jax.train.phase import train_phase
 from bnfree_jax.train.state import create_train_state
 from bnfree_jax.train.streams import stream_key, stream_seed
@@ -88,5 +88,6 @@ def run_stage(env, stage: Stage, trees: Trees, loss_fn, optim_cfg, ckpt_dir, *,
         return state, record
 
     state, record = train_phase(stage.name, ckpt_dir, like, frozen, loss_fn, tx, stage_batches(env, stage, cache),
-                                stage.steps, env.rt, start=start)
+                                stage.steps, env.rt, start=start,
+                                lr=make_schedule(optim_cfg, max(stage.steps, 1)))  # the trainable group's
     return merge_back(trees, state.params), state, record

@@ -51,11 +51,13 @@ def resume(ckpt: Checkpointer, like_state, rt, phase: str, batches=None) -> Opti
 
 
 def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, steps: int, rt,
-                start: Optional[Callable[[], tuple[Any, dict]]] = None) -> tuple[Any, dict]:
+                start: Optional[Callable[[], tuple[Any, dict]]] = None,
+                lr: Optional[Callable[[int], Any]] = None) -> tuple[Any, dict]:
     """Run `phase` to `steps` steps; returns (final state, the phase's `extra` record).
 
     `like_state` gives the state's structure (and is the fresh state when `start` is
-    None); `start() -> (state, extra)` builds a fresh phase's state and its record.
+    None); `start() -> (state, extra)` builds a fresh phase's state and its record; `lr`,
+    the optimizer's schedule (of the update count), is logged with the metrics.
     The state and `frozen` (what the phase does not train: the teacher, a frozen prefix,
     frozen T' groups) are placed on the mesh once, replicated as the step expects, so
     only batches cross host→device per step."""
@@ -76,7 +78,7 @@ def train_phase(phase: str, ckpt_dir, like_state, frozen, loss_fn, tx, batches, 
             diagnostics = (make_diagnostics(loss_fn, rt.mesh, compute_dtype=rt.compute_dtype)
                            if rt.grad_diagnostics else None)
             probe = PhaseProbe(phase, rt.mesh, rt.events, rt.profile_steps,
-                               rt.profile_dir and f"{rt.profile_dir}/{phase}")
+                               rt.profile_dir and f"{rt.profile_dir}/{phase}", lr=lr)
             try:
                 state = run_loop(step_fn=step_fn, state=state, frozen=on_mesh(frozen, rt.mesh), batches=batches,
                                  mesh=rt.mesh, num_steps=steps, checkpointer=ckpt, data_iterator=batches,

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from bnfree_jax.train.evaluate import evaluate_top1
-from bnfree_jax.train.optim import make_optimizer
+from bnfree_jax.train.optim import make_optimizer, make_schedule
 from bnfree_jax.train.phase import train_phase
 from bnfree_jax.train.state import create_train_state
 from bnfree_jax.train.streams import stream_key, stream_seed
@@ -47,12 +47,13 @@ def train_bn_network(phase: str, net, variables, steps: int, batch: int, optim_c
                      ckpt_dir, seed: int):
     """Train a BN network with cross-entropy, resumably; returns (variables, top-1 on the
     feed's evaluation split). Its data order and step rng are the job's `phase` streams."""
-    tx = make_optimizer(optim_cfg, steps)
+    tx = make_optimizer(optim_cfg, steps)  # its schedule is make_schedule(optim_cfg, steps)
     model_state = {"batch_stats": variables["batch_stats"]}
     state = create_train_state(variables["params"], tx, model_state=model_state,
                                rng=stream_key(seed, f"{phase}/step"))
     batches = feed.train_batches(batch, stream_seed(seed, f"{phase}/data"), rt.mesh)
-    state, _ = train_phase(phase, ckpt_dir, state, {}, classification_loss(net), tx, batches, steps, rt)
+    state, _ = train_phase(phase, ckpt_dir, state, {}, classification_loss(net), tx, batches, steps, rt,
+                           lr=make_schedule(optim_cfg, steps))
     out = {"params": jax.device_get(state.params), **jax.device_get(state.model_state)}
     apply_fn = lambda p, ms, fr, x: net.apply({"params": p, **ms}, x, train=False)
     top1 = evaluate_top1(apply_fn, out["params"], {"batch_stats": out["batch_stats"]}, {}, feed, rt.mesh)

@@ -129,8 +129,9 @@ class PhaseProbe:
     log and the progress bar), and a profiler trace of steps A..B (``profile``)."""
 
     def __init__(self, phase: str, mesh, events: Optional[EventLog] = None,
-                 profile: Optional[tuple[int, int]] = None, profile_dir=None):
+                 profile: Optional[tuple[int, int]] = None, profile_dir=None, lr=None):
         self.phase, self.events, self.profile, self.profile_dir = phase, events, profile, profile_dir
+        self.lr = lr  # the optimizer's schedule of the update count, or None
         self.devices = int(mesh.devices.size)
         self.peak = chip_peak_flops(mesh.devices.flat[0].device_kind)
         self.rates: Optional[Throughput] = None
@@ -160,7 +161,10 @@ class PhaseProbe:
 
     def on_record(self, record: dict) -> dict[str, float]:
         """The rates since the last fetched record; the record's numbers and the rates
-        go to the event log."""
+        go to the event log. Adds the learning rate of the record's step to the record
+        (step k is update k − 1 of the schedule)."""
+        if self.lr is not None:
+            record["lr"] = float(self.lr(record["step"] - 1))
         rates = self.rates.update(record["step"], record["time"]) if self.rates else {}
         if self.events is not None:
             numbers = {k: v for k, v in record.items() if k not in ("phase", "step", "time")
