@@ -105,7 +105,7 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
 
 def train_own_activation(ptl_cfg) -> bool:
     """`ptl.train_own_activation`; off when a config predates the key (config_io.ADDED)."""
-    return bool(ptl_cfg.get("train_own_activation", False))  # its value checked by pipeline.validate
+    return bool(getattr(ptl_cfg, "train_own_activation", False))  # its value checked by pipeline.validate
 
 
 def total_steps(plan: Sequence[Stage]) -> int:

@@ -164,7 +164,10 @@ class PhaseProbe:
         go to the event log. Adds the learning rate of the record's step to the record
         (step k is update k − 1 of the schedule)."""
         if self.lr is not None:
-            record["lr"] = float(self.lr(record["step"] - 1))
+            import jax
+
+            with jax.transfer_guard("allow"):  # a scalar of bookkeeping per logged step, not the step's data
+                record["lr"] = float(self.lr(record["step"] - 1))
         rates = self.rates.update(record["step"], record["time"]) if self.rates else {}
         if self.events is not None:
             numbers = {k: v for k, v in record.items() if k not in ("phase", "step", "time")
