@@ -73,11 +73,16 @@ def measure_job(workdir: str, images, labels, latency_images: int, repeats: int)
             "images_per_s_b256": rate(len(batch), t)}
 
 
+def group_key(row: dict) -> str:
+    """Jobs of one precision and one QAT-teacher budget are seeds of one configuration."""
+    return f"{row['precision']} ({row['qat_steps']} QAT steps)"
+
+
 def grouped(rows: list[dict]) -> dict:
-    """mean (and sample std where n > 1) of each figure per precision."""
+    """mean (and sample std where n > 1) of each figure per configuration (`group_key`)."""
     out = {}
-    for p in dict.fromkeys(r["precision"] for r in rows):
-        rs = [r for r in rows if r["precision"] == p]
+    for p in dict.fromkeys(group_key(r) for r in rows):
+        rs = [r for r in rows if group_key(r) == p]
         g = {"n": len(rs)}
         for k in ("test_int_top1", "artifact_bytes", "latency_ms_p50", "latency_ms_p95", "images_per_s_b256"):
             v = [r[k] for r in rs]
@@ -93,7 +98,7 @@ def markdown(groups: dict) -> str:
     def cell(g, k, fmt):
         s = fmt.format(g[k])
         return s + (" ± " + fmt.format(g[k + "_std"]) if k + "_std" in g else "")
-    lines = ["| precision (W/A per layer) | n | integer top-1 on test % | model.safetensors (B) | latency p50 / p95 at "
+    lines = ["| precision (W/A per layer; QAT teacher steps) | n | integer top-1 on test % | model.safetensors (B) | latency p50 / p95 at "
              "batch 1 (ms) | images/s at batch 256 |", "|---|---|---|---|---|---|"]
     for p, g in groups.items():
         top1 = {k: 100 * v for k, v in g.items() if k.startswith("test_int_top1")}
@@ -103,12 +108,41 @@ def markdown(groups: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(groups: dict, names: dict, path: str) -> None:
+    """Integer top-1 (± std over seeds) against artifact bytes, each point labelled with its
+    name and its batch-1 latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for p, g in groups.items():
+        mixed = not p.startswith("W")
+        ax.errorbar(g["artifact_bytes"], 100 * g["test_int_top1"], yerr=100 * g.get("test_int_top1_std", 0.0),
+                    fmt="s" if mixed else "o", color="tab:red" if mixed else "tab:blue", capsize=3)
+        ax.annotate(f"{names.get(p, p)} (n={g['n']})\n{g['latency_ms_p50']:.2f} ms at batch 1",
+                    (g["artifact_bytes"], 100 * g["test_int_top1"]), textcoords="offset points", xytext=(6, -12),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model.safetensors (bytes, log scale)")
+    ax.set_ylabel("integer artifact top-1 on MNIST test (%)")
+    ax.set_title("Uniform widths (blue) and sensitivity-proposed mixes (red)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdirs", nargs="+", help="finished `bnfree run` workdirs (with export/)")
     ap.add_argument("--latency-images", type=int, default=200, help="single-image calls timed for p50/p95")
     ap.add_argument("--repeats", type=int, default=5, help="timed batch-256 calls (median)")
     ap.add_argument("--out", default="", help="write the rows and groups here (JSON)")
+    ap.add_argument("--plot", default="", help="draw top-1 vs bytes (and latency) here (PNG)")
+    ap.add_argument("--name", action="append", default=[], metavar="GROUP=NAME",
+                    help="a short name for a group in the plot, e.g. '4/4 1/1 ... (1200 QAT steps)=mix'")
     args = ap.parse_args(argv)
     first = json.load(open(os.path.join(args.workdirs[0], "export", "manifest.json")))["config"]["data"]
     images, labels = test_arrays(first["name"], first.get("data_dir") or None)
@@ -122,6 +156,8 @@ def main(argv=None):
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
     print(markdown(result["groups"]), file=sys.stderr)
+    if args.plot:
+        plot(result["groups"], dict(n.split("=", 1) for n in args.name), args.plot)
     emit({k: v for k, v in result.items() if k != "rows"})
 
 
