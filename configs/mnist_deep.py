@@ -1,7 +1,9 @@
 """The deep plain network (`vgg_plain`: 12 3×3 convs + 2 dense, no residuals) on the
 embedded MNIST, where BN-free end-to-end training loses BN's stability (docs/results.md,
-"Where BatchNorm matters"). Budgets per phase sized so one full job fits in about an hour
-on a 2-core machine.
+"Where BatchNorm matters", when measured). The budgets below are a first guess, not yet
+measured against the aim of one full job in about an hour on a 2-core machine: a
+30-step float teacher probe ran at 0.30 step/s at batch 128 with the two cores shared by
+several other jobs.
 
 Arguments as configs/mnist_alexnet.py (`quick`, `wXaY`, `channel`) plus `holdout` (train on
 the first 50,000 images and evaluate on the last 10,000, for choices); `bnfree sweep` with
