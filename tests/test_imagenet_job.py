@@ -39,6 +39,8 @@ def imagenet_job(tmp_path_factory):
 def test_every_phase_done_export_bit_exact_report_written(imagenet_job):
     wd, _ = imagenet_job
     ledger = json.loads((wd / "phases.json").read_text())
+    layers = ledger.pop("layers")  # the resolved per-layer table: a record, not a phase
+    assert [t["name"] for t in layers["table"]][0] == "conv1" and layers["table"][-1]["a_bits"] == 32, layers
     assert sorted(ledger) == sorted(PHASES) and all(ledger[k]["done"] is True for k in PHASES), ledger
     export = ledger["export"]
     manifest = json.loads((wd / "export" / "manifest.json").read_text())
