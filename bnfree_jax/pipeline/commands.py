@@ -31,7 +31,7 @@ console = Console(stderr=True)
 
 
 def _log(msg: str) -> None:
-    console.print(msg, highlight=False, markup=False)
+    console.print(msg, highlight=False, markup=False, soft_wrap=True)  # one line per message, as written
 
 
 @contextlib.contextmanager
