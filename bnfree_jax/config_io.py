@@ -70,6 +70,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
+def config_of_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (one config file building on another,
+    e.g. the sweep configs on configs/mnist_alexnet.py), its failures one ConfigError line."""
+    return _call_get_config(str(path), arg)
+
+
 def _call_get_config(path: str, arg: str) -> ml_collections.ConfigDict:
     """Import the file and call its get_config(arg), turning every failure into a ConfigError."""
     if not Path(path).is_file():

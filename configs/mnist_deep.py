@@ -11,17 +11,16 @@ this config runs PTL and every baseline at W4A4 and W2A2 under requant="layer", 
 (`seeds=N` to change).
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from bnfree_jax.config_io import config_of_file
+
 
 def _base(arg: str):
-    spec = importlib.util.spec_from_file_location("mnist_alexnet", Path(__file__).with_name("mnist_alexnet.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    """configs/mnist_alexnet.py's config for `arg`."""
+    return config_of_file(Path(__file__).with_name("mnist_alexnet.py"), arg)
 
 
 def get_config(arg: str = ""):
