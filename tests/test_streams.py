@@ -145,7 +145,7 @@ def test_supervised_training_draws_its_phase_streams_with_a_typed_key(ctx, monke
 
     seen = {}
 
-    def fake_phase(phase, ckpt_dir, like_state, frozen, loss_fn, tx, batches, steps, rt, start=None):
+    def fake_phase(phase, ckpt_dir, like_state, frozen, loss_fn, tx, batches, steps, rt, start=None, lr=None):
         seen["state"], seen["phase"] = like_state, phase
         return like_state, {}
 
