@@ -88,7 +88,7 @@ def result(a) -> dict:
     from bnfree_jax.nn.network import STUDENT
     from bnfree_jax.pipeline.context import make_context
     from bnfree_jax.pipeline.ledger import Ledger
-    from bnfree_jax.pipeline.ptq import calibration_batches, calibration_indices, fold_float_teacher
+    from bnfree_jax.pipeline.ptq import fold_float_teacher
     from bnfree_jax.pipeline.ptq_sweep import run_ptq_sweep, sub_config
     from bnfree_jax.pipeline.teacher import run_teacher_phases
     from bnfree_jax.pipeline.validate import load_valid_config
@@ -106,8 +106,7 @@ def result(a) -> dict:
     src = os.path.join(tmp, "float.onnx")
     float_onnx(ctx.nets.specs(quantized=False), fold_float_teacher(ctx.nets, float_vars), net.inv_std,
                ctx.nets.image_shape, src)
-    indices = calibration_indices(len(ctx.feed.train_source), a.calib_images, a.calib_seed)
-    calib = [onnx_input(b, net.zero_point) for b in calibration_batches(ctx.feed, indices)()]
+    calib = [onnx_input(b, net.zero_point) for b in ctx.feed.sample_batches(a.calib_images, a.calib_seed)()]
     images, labels = ctx.feed.eval_arrays()
     x = onnx_input(images, net.zero_point)
     out = {"calib_images": a.calib_images, "float_top1": ledger.get("teacher")["top1"]}

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
 RETIRED = ("export.logit_bits", "distributed.")
 
 
+# Keys whose value is a number or a name (model.act_init: a constant clip, or a calibrator
+# that sets the clips): an override may change one kind for the other.
+NUMBER_OR_NAME = ("model.act_init",)
+
+
 # Keys added later with a default: a workdir pinned before them, without the key, was
 # started with that default and still resumes.
 ADDED = {"model.weight_quantizer": "maxabs", "model.act_quantizer": "pact", "model.plugins": [],
@@ -130,6 +135,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     old = node[leaf]
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if key in NUMBER_OR_NAME and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with node.ignore_type():
+            node[leaf] = float(value) if isinstance(value, int) else value
+        return
     if old is not None and type(old) is not type(value):
         raise ConfigError(f"{key}={raw!r}: expected {type(old).__name__}, got {type(value).__name__}")
     node[leaf] = value

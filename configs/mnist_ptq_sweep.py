@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     c.ptq_sweep = ml_collections.ConfigDict(dict(
         methods=["minmax", "percentile", "entropy", "mse"], percentiles=[99.9, 99.99, 99.999],
         bits=["w8a8", "w6a6", "w4a4"], images=[64, 256, 1024, 4096], requant=["layer", "channel"],
-        samples=[0, 1, 2], weight_calib="minmax"))
+        samples=[0, 1, 2], weight_calib="minmax", verify="first"))
     for a in args:
         if a == "quick":
             c.ptq_sweep.samples = [0]

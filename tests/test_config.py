@@ -53,6 +53,7 @@ BAD = [
     ("ptq_sweep.methods", ["kl"]), ("ptq_sweep.methods", []), ("ptq_sweep.percentiles", [0.0]),
     ("ptq_sweep.percentiles", [100.5]), ("ptq_sweep.bits", ["w9a8"]), ("ptq_sweep.images", [0]),
     ("ptq_sweep.requant", ["rows"]), ("ptq_sweep.samples", [-1]), ("ptq_sweep.weight_calib", "lsq"),
+    ("ptq_sweep.verify", "some"),
     # budgets: steps >= 1 where a phase must train, >= 0 where 0 skips
     ("teacher.steps", 0), ("teacher.steps", -5), ("qat.steps", 0), ("ptl.stage_steps", -5),
     ("ptl.stage_steps", 0), ("ptl.local_init_steps", -1), ("ptl.finetune_steps", -1),
@@ -77,7 +78,7 @@ BAD = [
     # model
     ("model.w_bits", 0), ("model.a_bits", 9), ("model.first_last_w_bits", 32), ("model.w_bits", 4.0),
     ("model.w_bits", True), ("model.requant", "rows"), ("model.name", "resnet50"), ("model.num_classes", 5),
-    ("model.num_classes", 1), ("model.act_init", 0.0), ("model.act_init", NAN), ("model.act_init", -4.0),
+    ("model.num_classes", 1), ("model.act_init", 0.0), ("model.act_init", NAN), ("model.act_init", -4.0), ("model.act_init", "kl"),
     ("model.weight_quantizer", "nope"), ("model.weight_quantizer", 3), ("model.act_quantizer", "maxabs"),
     ("model.act_quantizer", None), ("model.plugins", "mymod"), ("model.plugins", ["my mod"]),
     ("model.plugins", [3]), ("model.plugin_sha256", ["abc"]), ("model.plugin_sha256", "0" * 64),

@@ -127,6 +127,7 @@ def test_act_alpha_is_the_calibrators_result_on_the_same_images(ptq_wd):
 def test_streamed_batches_give_the_calibrator_of_all_images(ptq_wd, monkeypatch):
     """Several small batches through `ptq_student` == one StreamingCalibrator over the same
     activations (percentile, which differs from minmax, so the method reaches it)."""
+    from bnfree_jax import data as data_lib
     from bnfree_jax import quant
     from bnfree_jax.pipeline import ptq
 
@@ -136,7 +137,7 @@ def test_streamed_batches_give_the_calibrator_of_all_images(ptq_wd, monkeypatch)
     opts = ptq.PtqOptions(method="percentile", images=50, percentile=99.0, seed=3)
     params, record = ptq.ptq_student(ctx, _float_teacher(ctx), opts)
     train = ctx.feed.train_source
-    idx = ptq.calibration_indices(len(train), 50, 3)
+    idx = data_lib.sample_indices(len(train), 50, 3)
     assert len(set(idx.tolist())) == 50 and idx.max() < len(train)
     images = np.stack([train[int(i)]["image"] for i in idx])
     x = _layer_inputs(ctx, params, images, 0)
@@ -234,3 +235,30 @@ def test_float_onnx_graph_is_the_folded_float_teacher(ptq_wd):
         ["logits"], {"input": onnx_input(images, net.zero_point)})[0]
     want = np.asarray(ctx.nets.network(TEACHER, quantized=False).apply(teacher, images))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_measured_sweep_row_is_what_the_full_ptq_gives(tmp_path):
+    """ptq_sweep.verify='first': the second row of a sub-job is measured (interpreter over
+    the evaluation split, no report); `bnfree ptq`'s full path on the same calibration
+    writes the same tensors and finds the same integer top-1."""
+    from bnfree_jax import cli
+    from bnfree_jax.pipeline.context import make_context
+    from bnfree_jax.pipeline.ledger import Ledger
+    from bnfree_jax.pipeline.ptq import PtqOptions, run_ptq
+    from bnfree_jax.pipeline.ptq_sweep import sub_config
+    from bnfree_jax.pipeline.validate import load_valid_config
+
+    wd = tmp_path / "sweep"
+    extra = [*TINY, "ptq_sweep.methods=['minmax']", "ptq_sweep.bits=['w8a8']", "ptq_sweep.images=[64, 100]",
+             "ptq_sweep.requant=['layer']"]
+    assert cli.main(["ptq-sweep", "--config", "configs/mnist_ptq_sweep.py:quick", "--workdir", str(wd), *extra]) == 0
+    rows = json.loads((wd / "ptq_sweep" / "results.json").read_text())
+    assert [(r["images"], r["verified"], r["bit_exact"]) for r in rows] == [(64, True, True), (100, False, True)]
+    tag = wd / "w8a8_layer" / "ptq" / "minmax_n100_wminmax_s0"
+    measured = (tag / "export" / "model.safetensors").read_bytes()
+    assert not (tag / "report").exists()
+    c = sub_config(load_valid_config("configs/mnist_ptq_sweep.py:quick", extra), "w8a8", "layer")
+    ctx = make_context(c, wd / "w8a8_layer", log=lambda m: None)
+    s = run_ptq(ctx, Ledger(ctx.workdir), PtqOptions(method="minmax", images=100))
+    assert (tag / "export" / "model.safetensors").read_bytes() == measured
+    assert s["student_int_top1"] == rows[1]["top1"] and s["int_sim_bit_exact"]

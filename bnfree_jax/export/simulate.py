@@ -1,6 +1,14 @@
-"""The student's own integer-simulation mode: the exported integer layers run with jnp int32
-convolutions and numpy int64 requantisation. Written independently of `bnfree_jax.intsim`
-so that bit-for-bit agreement between the two is evidence, not tautology."""
+"""The student's own integer-simulation mode: the exported integer layers run with jnp
+convolutions accumulating in int32 and numpy int64 requantisation. Written independently
+of `bnfree_jax.intsim` so that bit-for-bit agreement between the two is evidence, not
+tautology.
+
+Operands are int8: XLA's int32 x int32 convolution on CPU is ~50x slower than its int8 one
+(2.98 s vs 0.057 s for a 3x3x32x64 conv over 1000 14x14 maps), so a layer input x (codes
+in [0, 255] or +-1, pixels in [0, 255]) is split into x = 16*hi + lo with hi, lo int8, and
+the accumulator is 16*op(hi, w) + op(lo, w): the same int32 (mod 2^32) as op(x, w). The
+interpreter reaches int8 another way (x - 128 and a bias correction), so the two stay
+independent."""
 
 from __future__ import annotations
 
@@ -21,6 +29,23 @@ def _conv(x, w, stride, padding):
 @jax.jit
 def _dense(x, w):
     return jax.lax.dot(x, w, preferred_element_type=jnp.int32)
+
+
+INT8 = (-128, 127)
+
+
+def _fits_int8(a: np.ndarray) -> bool:
+    return a.size == 0 or (int(a.min()) >= INT8[0] and int(a.max()) <= INT8[1])
+
+
+def _int8_accumulate(op, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """op(x, w) accumulated in int32 on int8 operands (module docstring); int32 operands
+    when x or w leaves the range the split covers."""
+    if not (_fits_int8(w) and _fits_int8(x >> 4)):
+        return np.asarray(op(jnp.asarray(x, jnp.int32), jnp.asarray(w, jnp.int32)))
+    hi, lo = jnp.asarray(x >> 4, jnp.int8), jnp.asarray(x & 15, jnp.int8)
+    w8 = jnp.asarray(w, jnp.int8)
+    return np.asarray(16 * op(hi, w8) + op(lo, w8))
 
 
 def _output(layer, acc: np.ndarray) -> np.ndarray:
@@ -53,9 +78,9 @@ def int_sim_logits(layers: list, input_spec: dict, images: np.ndarray) -> np.nda
                 pad = ((0, 0), (0, 0))
             else:
                 pad = tuple(tuple(p) for p in layer["padding"])
-            acc = np.asarray(_conv(jnp.asarray(x), jnp.asarray(w), layer["stride"], pad))
+            acc = _int8_accumulate(lambda a, b: _conv(a, b, layer["stride"], pad), x, w)
         else:
-            acc = np.asarray(_dense(jnp.asarray(x.reshape(x.shape[0], -1)), jnp.asarray(w)))
+            acc = _int8_accumulate(_dense, x.reshape(x.shape[0], -1), w)
         acc = acc.astype(np.int64) + layer["bias"].astype(np.int64)
         y = _output(layer, acc)
         if layer.get("pool"):

@@ -19,7 +19,8 @@ class NetFactory:
     std: tuple[float, ...]
     image_shape: tuple[int, int, int]
     requant: str = "layer"
-    act_init: float = 4.0
+    act_init: float = 4.0  # every activation clip's initial value ...
+    act_calibration: Optional[str] = None  # ... unless a calibrator sets them (model.act_init=NAME)
 
     def specs(self, quantized: bool = True) -> tuple[LayerSpec, ...]:
         return self.quant_specs if quantized else self.float_specs

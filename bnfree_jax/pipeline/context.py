@@ -75,6 +75,14 @@ def record_layer_table(config: ml_collections.ConfigDict, specs) -> None:
         config.model.layer_table = layer_table(specs)
 
 
+def clip_init(act_init) -> dict:
+    """NetFactory's clip fields for `model.act_init`: a number is every clip's initial
+    value; a calibrator name sets them by calibration over the network's default 4.0."""
+    if isinstance(act_init, str):
+        return {"act_calibration": act_init}
+    return {"act_init": float(act_init)}
+
+
 def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, log=print,
                  profile_steps: tuple[int, int] | None = None) -> Context:
     """The job's context; writes nothing into the workdir (the dataset may be built in
@@ -99,7 +107,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
     nets = NetFactory(float_specs=tuple(get_layer_specs(m.name, m.num_classes)),
                       quant_specs=tuple(quant_specs(config)),
                       mean=tuple(info.mean), std=tuple(info.std), image_shape=tuple(info.image_shape),
-                      requant=m.requant, act_init=m.act_init)
+                      requant=m.requant, **clip_init(m.act_init))
     record_layer_table(config, nets.quant_specs)
     rt = Runtime(mesh=mesh, log=log, metrics_path=workdir / "metrics.jsonl",
                  save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,

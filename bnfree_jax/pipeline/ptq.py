@@ -25,16 +25,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
-
-import jax
 import numpy as np
 
 from bnfree_jax import quant
 from bnfree_jax.config_io import to_dict
 from bnfree_jax.data.storage import as_path
 from bnfree_jax.distill.fold import fold_layer
-from bnfree_jax.nn.network import STUDENT, max_pool
+from bnfree_jax.nn.network import STUDENT
 from bnfree_jax.nn.weights import along_input, channel_axis
 from bnfree_jax.pipeline.context import is_primary
 from bnfree_jax.pipeline.export_phase import export_student
@@ -43,6 +40,7 @@ from bnfree_jax.pipeline.layer_stats import collect_layer_stats, has_act_quantiz
 from bnfree_jax.pipeline.ledger import Ledger
 from bnfree_jax.pipeline.report_phase import write_report
 from bnfree_jax.pipeline.teacher import run_teacher_phases
+from bnfree_jax.train.clip_calibration import calibrate_clips, make_calibrator
 
 WEIGHT_CALIBS = ("minmax", "mse")
 CALIB_BATCH = 256  # images per calibration step: the calibrators see one batch at a time
@@ -84,10 +82,9 @@ class PtqOptions:
             del out["percentile"]
         return out
 
-    def calibrator(self, bits: int) -> quant.StreamingCalibrator:
-        """The streaming calibrator of one activation (unsigned: post-ReLU, per tensor)."""
-        extra = {"percentile": self.percentile} if self.method == "percentile" else {}
-        return quant.StreamingCalibrator(self.method, bits, signed=False, axis=None, **extra)
+    def calibrator(self):
+        """bits -> a fresh streaming calibrator of this method (train/clip_calibration.py)."""
+        return make_calibrator(self.method, self.percentile)
 
 
 ARG_NAMES = {"method": "calib", "images": "calib_images", "weight_calib": "weight_calib",
@@ -119,40 +116,6 @@ def check_calibration_images(config, opts: PtqOptions) -> None:
         raise ValueError(f"--calib-images {opts.images} exceeds the {available} training images of this job")
 
 
-def calibration_indices(total: int, n: int, seed: int) -> np.ndarray:
-    """N distinct training indices drawn by `seed` (sorted, for sequential reads)."""
-    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
-
-
-class Subset(Sequence):
-    """Some records of a source, by index (keeps `name`, which decides ImageNet's size)."""
-
-    def __init__(self, source, indices):
-        self.source, self.indices = source, [int(i) for i in indices]
-        self.name = getattr(source, "name", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.source[self.indices[i]]
-
-
-def calibration_batches(feed, indices, batch: int = CALIB_BATCH):
-    """A function yielding the calibration images batch by batch (uint8 NHWC, preprocessed
-    as evaluation is), read afresh on each call so no pass holds them all."""
-    from bnfree_jax import data as data_lib
-
-    subset = Subset(feed.train_source, indices)
-
-    def batches():
-        for b in data_lib.eval_batches(subset, batch_size=min(batch, len(subset)), process_index=0,
-                                       process_count=1, image_size=feed.image_size):
-            keep = np.asarray(b["mask"]) > 0  # the padded tail of the last batch is no image
-            yield np.asarray(b["image"])[keep]
-    return batches
-
-
 def fold_float_teacher(nets, float_vars: dict) -> dict:
     """Student params {layer: {kernel, alpha, beta}} folded from the float BN teacher: the
     same arithmetic as distill/fold.py, on the float teacher's unquantized weights."""
@@ -179,39 +142,15 @@ def clip_weights_mse(nets, params: dict) -> dict:
     return out
 
 
-def quantizer_input(spec, pre):
-    """What a layer's activation quantizer sees: the pooled ReLU of its pre-activation."""
-    a = jax.nn.relu(pre)
-    return max_pool(a, spec.pool) if spec.pool else a
-
-
-def _layer_input_fn(net, index: int, spec):
-    @jax.jit
-    def f(params, images):
-        _, trace = net.apply({"params": params}, images, stop=index + 1, capture=True)
-        return quantizer_input(spec, trace[-1][1])
-    return f
-
-
 def calibrate_activations(nets, params: dict, batches, opts: PtqOptions) -> tuple[dict, dict]:
     """(params with every act_alpha set, {layer: act_alpha}), in layer order on the
-    partially quantized student; each layer's input streams through its calibrator."""
-    specs, net = nets.specs(quantized=True), nets.network(STUDENT)
+    partially quantized student (train/clip_calibration.py)."""
     params = copy.deepcopy(params)
-    acts = [s for s in specs if has_act_quantizer(s)]
-    for s in acts:  # a placeholder until the layer's turn (later layers are not run)
-        params[s.name]["act_alpha"] = np.float32(nets.act_init)
-    alphas, names = {}, {s.name for s in acts}
-    for i, spec in enumerate(specs):
-        if spec.name not in names:
-            continue
-        fn, cal = _layer_input_fn(net, i, spec), opts.calibrator(spec.a_bits)
-        for images in batches():
-            cal.update(np.asarray(fn(params, images)))
-        amax = max(float(cal.compute_amax()), quant.SCALE_FLOOR)  # a dead layer keeps a positive clip
-        params[spec.name]["act_alpha"] = np.float32(amax)
-        alphas[spec.name] = float(np.float32(amax))
-    return params, alphas
+    for s in nets.specs(quantized=True):  # a placeholder until the layer's turn (later layers are not run)
+        if has_act_quantizer(s):
+            params[s.name]["act_alpha"] = np.float32(nets.act_init)
+    variables, alphas = calibrate_clips(nets.network(STUDENT), {"params": params}, batches, opts.calibrator())
+    return variables["params"], alphas
 
 
 def ptq_student(ctx, float_vars: dict, opts: PtqOptions) -> tuple[dict, dict]:
@@ -219,12 +158,11 @@ def ptq_student(ctx, float_vars: dict, opts: PtqOptions) -> tuple[dict, dict]:
     total = len(ctx.feed.train_source)
     if opts.images > total:
         raise ValueError(f"--calib-images {opts.images} exceeds the {total} training images of this job")
-    indices = calibration_indices(total, opts.images, opts.seed)
     params = fold_float_teacher(ctx.nets, float_vars)
     if opts.weight_calib == "mse":
         params = clip_weights_mse(ctx.nets, params)
     t0 = time.time()
-    batches = calibration_batches(ctx.feed, indices, CALIB_BATCH)
+    batches = ctx.feed.sample_batches(opts.images, opts.seed, CALIB_BATCH)
     params, alphas = calibrate_activations(ctx.nets, params, batches, opts)
     record = {**opts.record(), "split": "train", "order": "sequential (layers < l quantized)",
               "act_alpha": alphas, "seconds": round(time.time() - t0, 2)}

@@ -7,13 +7,15 @@ import time
 
 from bnfree_jax.nn.network import TEACHER
 from bnfree_jax.pipeline.ledger import Ledger
-from bnfree_jax.train.streams import stream_key
+from bnfree_jax.train.clip_calibration import ACT_INIT_IMAGES, calibrated_clips
+from bnfree_jax.train.streams import stream_key, stream_seed
 from bnfree_jax.train.supervised import graft, init_variables, train_bn_network
 from bnfree_jax.train.variables import load_variables, save_variables
 
 
-def _phase(ctx, ledger: Ledger, phase: str, net, variables, cfg, label: str):
-    """Train `phase` (or load it when done); returns its variables."""
+def _phase(ctx, ledger: Ledger, phase: str, net, variables, cfg, label: str, record: dict | None = None):
+    """Train `phase` (or load it when done); returns its variables. `record`: more of the
+    phase's ledger entry."""
     path = ctx.workdir / phase / "variables"
     if ledger.done(phase):
         return load_variables(path, variables)
@@ -22,7 +24,7 @@ def _phase(ctx, ledger: Ledger, phase: str, net, variables, cfg, label: str):
                                        feed=ctx.feed, ckpt_dir=ctx.workdir / "checkpoints" / phase,
                                        seed=ctx.config.seed)
     save_variables(path, variables)
-    ledger.mark_done(phase, top1=top1, seconds=round(time.time() - t0, 2))
+    ledger.mark_done(phase, top1=top1, seconds=round(time.time() - t0, 2), **(record or {}))
     ctx.log(f"[{phase}] {label} {ctx.eval_split} top-1 {top1:.4f}")
     return variables
 
@@ -37,8 +39,24 @@ def run_teacher_phases(ctx, ledger: Ledger, qat: bool = True):
         return float_vars, None
     qat_net = ctx.nets.network(TEACHER, quantized=True, bn_axis_name="data")
     init = init_variables(qat_net, ctx.nets.image_shape, stream_key(c.seed, "qat/init"))
+    record = None
     if not ledger.done("qat"):
         init = graft(init, float_vars)
+        init, record = calibrated_start(ctx, qat_net, init, "qat")
     qat_vars = _phase(ctx, ledger, "qat", qat_net, init, c.qat,
-                      f"W{c.model.w_bits}A{c.model.a_bits} QAT BN teacher")
+                      f"W{c.model.w_bits}A{c.model.a_bits} QAT BN teacher", record)
     return float_vars, qat_vars
+
+
+def calibrated_start(ctx, net, variables, phase: str):
+    """(variables, ledger record): with model.act_init a calibrator name, the clips of
+    `net` set by calibration on training images (a seeded stream of the phase)."""
+    method = ctx.nets.act_calibration
+    if not method:
+        return variables, None
+    variables, alphas = calibrated_clips(net, variables, ctx.feed, method,
+                                         stream_seed(ctx.config.seed, f"{phase}/act_init"))
+    ctx.log(f"[{phase}] activation clips by {method} calibration: "
+            + " ".join(f"{k}={v:.4g}" for k, v in alphas.items()))
+    return variables, {"act_init": {"method": method, "images": min(ACT_INIT_IMAGES, len(ctx.feed.train_source)),
+                                    "act_alpha": alphas}}

@@ -63,6 +63,14 @@ def real(lo: float, strict: bool = False, below: Optional[float] = None) -> Chec
     return check
 
 
+def clip_init(v: Any) -> Optional[str]:
+    """`model.act_init`: a constant clip > 0, or a calibrator that sets the clips
+    (train/clip_calibration.py)."""
+    if isinstance(v, str):
+        return None if v in quant.METHODS else f"must be a number > 0 or a calibrator ({', '.join(quant.METHODS)})"
+    return real(0, strict=True)(v) and f"must be a number > 0 or a calibrator ({', '.join(quant.METHODS)})"
+
+
 def one_of(choices) -> Check:
     choices = tuple(choices)
 
@@ -179,7 +187,7 @@ _SECTIONS = {
              "prefetch": integer(1)},
     "model": {"name": one_of(sorted(MODELS)), "num_classes": integer(2), "w_bits": BITS,
               "a_bits": BITS, "first_last_w_bits": BITS, "requant": one_of(REQUANTS),
-              "act_init": POSITIVE, "weight_quantizer": registered("weight"),
+              "act_init": clip_init, "weight_quantizer": registered("weight"),
               "act_quantizer": registered("activation"), "plugins": each(module_name, nonempty=False),
               "plugin_sha256": each(sha256_hex, nonempty=False),  # derived: see record_plugins
               "layers": layer_rules, "layer_table": layer_table},  # derived: context.record_layer_table
@@ -199,7 +207,8 @@ _SECTIONS = {
               "binary_qat_lr": POSITIVE},
     "ptq_sweep": {"methods": each(one_of(quant.METHODS)), "percentiles": each(percent),
                   "bits": each(bits_name), "images": each(integer(1)), "requant": each(one_of(REQUANTS)),
-                  "samples": each(COUNT), "weight_calib": one_of(("minmax", "mse"))},
+                  "samples": each(COUNT), "weight_calib": one_of(("minmax", "mse")),
+                  "verify": one_of(("all", "first"))},
 }
 SCHEMA: dict[str, Check] = flatten(_SECTIONS)
 

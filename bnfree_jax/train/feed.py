@@ -31,6 +31,12 @@ class Feed:
                                        num_threads=self.read_threads, prefetch_batches=self.prefetch,
                                        num_workers=self.workers)
 
+    def sample_batches(self, n: int, seed: int, batch: int = 256):
+        """A function yielding `n` training images drawn by `seed`, batch by batch,
+        preprocessed as evaluation is (data/sample.py)."""
+        indices = data_lib.sample_indices(len(self.train_source), n, seed)
+        return data_lib.sample_batches(self.train_source, indices, batch, self.image_size)
+
     def eval_arrays(self, n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """The first `n` (default all) evaluation examples as (uint8 NHWC images, int32
         labels), preprocessed exactly as evaluation does (so ImageNet's images of many

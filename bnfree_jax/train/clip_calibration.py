@@ -1,0 +1,64 @@
+"""Activation clips set by calibration: each layer's `act_alpha` from a streaming
+calibrator over what its activation quantizer sees, layer by layer in order, so layer ℓ is
+measured on the output of layers < ℓ already quantized with their calibrated clips.
+
+Used by `bnfree ptq` (the BN-free student folded from the float teacher) and by
+`model.act_init` given as a calibrator name (the QAT teacher's clips at the start of QAT,
+the scratch student's at its initialisation).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from bnfree_jax import quant
+from bnfree_jax.nn.network import record_quantizer_inputs
+
+ACT_INIT_IMAGES = 256  # training images behind clips started by calibration (model.act_init=NAME)
+
+
+def make_calibrator(method: str, percentile: Optional[float] = None) -> Callable[[int], quant.StreamingCalibrator]:
+    """bits -> the streaming calibrator of one activation (unsigned: post-ReLU, per tensor)."""
+    extra = {"percentile": percentile} if method == "percentile" and percentile is not None else {}
+    return lambda bits: quant.StreamingCalibrator(method, bits, signed=False, axis=None, **extra)
+
+
+def _quantizer_input_fn(net, index: int, name: str):
+    """jit(variables, images) -> what layer `index`'s activation quantizer sees."""
+    @jax.jit
+    def f(variables, images):
+        with record_quantizer_inputs() as found:
+            net.apply(variables, images, stop=index + 1)
+        return found[name][0]
+    return f
+
+
+def calibrate_clips(net, variables: dict, batches, calibrator: Callable) -> tuple[dict, dict]:
+    """(variables with every `act_alpha` calibrated, {layer: act_alpha}).
+
+    `batches()` yields uint8 image batches afresh on each call (one pass per layer: no
+    pass holds all activations); `calibrator(bits)` is a fresh streaming calibrator. A
+    layer whose input is all zeros keeps a positive clip (quant.SCALE_FLOOR)."""
+    params = {k: dict(v) for k, v in variables["params"].items()}
+    variables = {**variables, "params": params}
+    alphas = {}
+    for i, spec in enumerate(net.specs):
+        if "act_alpha" not in params.get(spec.name, {}):
+            continue
+        fn, cal = _quantizer_input_fn(net, i, spec.name), calibrator(spec.a_bits)
+        for images in batches():
+            cal.update(np.asarray(fn(variables, images)))
+        amax = np.float32(max(float(cal.compute_amax()), quant.SCALE_FLOOR))
+        params[spec.name]["act_alpha"] = amax
+        alphas[spec.name] = float(amax)
+    return variables, alphas
+
+
+def calibrated_clips(net, variables: dict, feed, method: str, seed: int) -> tuple[dict, dict]:
+    """`calibrate_clips` on ACT_INIT_IMAGES training images drawn by `seed` (all of them
+    when the split is smaller)."""
+    n = min(ACT_INIT_IMAGES, len(feed.train_source))
+    return calibrate_clips(net, variables, feed.sample_batches(n, seed), make_calibrator(method))
