@@ -35,7 +35,8 @@ def get_config(arg: str = ""):
                   # (a TPU v4 host has 240 vCPUs; docs/scale-out.md has the measured rates)
                   workers=16, read_threads=4, prefetch=4)
     c.model = dict(name="alexnet", num_classes=1000, w_bits=4, a_bits=4,
-                   first_last_w_bits=8, requant="layer", act_init=4.0,
+                   first_last_w_bits=8, requant="layer",
+                   act_init=4.0,  # every activation clip's start, or a calibrator (minmax|percentile|entropy|mse) of 256 training images
                    # registered quantizers (bnfree_jax.quant), and modules imported first
                    # that may register more (docs/quantizers.md)
                    weight_quantizer="maxabs", act_quantizer="pact", plugins=[])

@@ -24,7 +24,8 @@ def get_config(arg: str = ""):
                   holdout=0,  # N > 0: evaluate on the last N training examples, never on test
                   workers=0, read_threads=2, prefetch=4)  # input: grain worker processes, threads, batches ahead
     c.model = dict(name="alexnet_mini", num_classes=10, w_bits=4, a_bits=4,
-                   first_last_w_bits=8, requant="layer", act_init=4.0,
+                   first_last_w_bits=8, requant="layer",
+                   act_init=4.0,  # every activation clip's start, or a calibrator (minmax|percentile|entropy|mse) of 256 training images
                    # registered quantizers (bnfree_jax.quant), and modules imported first
                    # that may register more (docs/quantizers.md)
                    weight_quantizer="maxabs", act_quantizer="pact", plugins=[])

@@ -32,7 +32,8 @@ def _sample_images(ctx, stream: str):
 
 
 def _sequential_maxima(net, variables, images) -> dict:
-    """{layer: max of its pooled ReLU input}, each layer run with the maxima found before it."""
+    """{layer: max of its pooled ReLU input}, each layer run with the maxima found before it
+    (a BN network normalising by the statistics of the images, as its training steps do)."""
     import flax.linen as nn
 
     params = {k: dict(v) for k, v in variables["params"].items()}
@@ -40,7 +41,11 @@ def _sequential_maxima(net, variables, images) -> dict:
     for i, spec in enumerate(net.specs):
         if "act_alpha" not in params.get(spec.name, {}):
             continue
-        _, trace = net.apply({**variables, "params": params}, images, stop=i + 1, capture=True)
+        v = {**variables, "params": params}
+        if "batch_stats" in variables:
+            (_, trace), _ = net.apply(v, images, train=True, stop=i + 1, capture=True, mutable=["batch_stats"])
+        else:
+            _, trace = net.apply(v, images, stop=i + 1, capture=True)
         a = np.maximum(np.asarray(trace[-1][1]), 0)
         if spec.pool:
             a = np.asarray(nn.max_pool(a, (spec.pool,) * 2, strides=(spec.pool,) * 2))

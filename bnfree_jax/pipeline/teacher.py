@@ -42,7 +42,7 @@ def run_teacher_phases(ctx, ledger: Ledger, qat: bool = True):
     record = None
     if not ledger.done("qat"):
         init = graft(init, float_vars)
-        init, record = calibrated_start(ctx, qat_net, init, "qat")
+        init, record = calibrated_start(ctx, ctx.nets.network(TEACHER, quantized=True), init, "qat")  # BN local to the host
     qat_vars = _phase(ctx, ledger, "qat", qat_net, init, c.qat,
                       f"W{c.model.w_bits}A{c.model.a_bits} QAT BN teacher", record)
     return float_vars, qat_vars
