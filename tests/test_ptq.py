@@ -262,3 +262,21 @@ def test_a_measured_sweep_row_is_what_the_full_ptq_gives(tmp_path):
     s = run_ptq(ctx, Ledger(ctx.workdir), PtqOptions(method="minmax", images=100))
     assert (tag / "export" / "model.safetensors").read_bytes() == measured
     assert s["student_int_top1"] == rows[1]["top1"] and s["int_sim_bit_exact"]
+
+
+def test_calibration_table_puts_each_student_beside_its_bits():
+    """sweep_table's PTL column: the student of the row's (bits, requant), n/a without one;
+    calibration_curves: mean and std over the samples per number of images."""
+    from bnfree_jax.pipeline.ptq_sweep import calibration_curves, sweep_table
+
+    row = dict(method="minmax", percentile=None, w_bits=8, a_bits=8, requant="layer", weight_calib="minmax",
+               teacher_top1=0.99, verified=False, bit_exact=True)
+    rows = [{**row, "images": 64, "sample": 0, "top1": 0.98}, {**row, "images": 64, "sample": 1, "top1": 0.96},
+            {**row, "w_bits": 4, "a_bits": 4, "images": 64, "sample": 0, "top1": 0.9}]
+    lines = sweep_table(rows, {("w8a8", "layer"): 0.9925}).splitlines()
+    assert lines[0].endswith("| PTL student |")
+    assert lines[2] == "| minmax | W8A8 | layer | 97.00 ± 1.00 (2) | 99.25 |"
+    assert lines[3] == "| minmax | W4A4 | layer | 90.00 ± 0.00 (1) | n/a |"
+    curves, refs = calibration_curves(rows)
+    assert curves[("w8a8", "layer")]["minmax"] == [(64, pytest.approx(0.97), pytest.approx(0.01), 2)]
+    assert refs[("w4a4", "layer")] == {"float teacher": 0.99}

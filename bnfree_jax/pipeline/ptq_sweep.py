@@ -35,6 +35,7 @@ from bnfree_jax.pipeline.ptq import PtqOptions, calibration_context, ptq_student
 from bnfree_jax.pipeline.teacher import run_teacher_phases
 from bnfree_jax.pipeline.sweep import _share_teacher
 from bnfree_jax.pipeline.validate import validate_config
+from bnfree_jax.report.plots import plot_calibration
 
 KEY = ("method", "percentile", "w_bits", "a_bits", "requant", "images", "sample", "weight_calib")
 CHECK_IMAGES = 1000  # evaluation images a measured row's two integer paths are compared on
@@ -110,6 +111,7 @@ def run_ptq_sweep(config, workdir: Path, log=print) -> list[dict]:
                 write_json(path, rows, indent=1)  # a crash mid-write must not lose the rows
             first = first or sub
     (out / "table.md").write_text(sweep_table(rows))
+    plot_calibration(*calibration_curves(rows), out / "calibration.png")
     return rows
 
 
@@ -135,22 +137,42 @@ def measured_row(ctx, ledger, float_vars: dict, opts: PtqOptions) -> dict:
             "bit_exact": bool(np.array_equal(int_sim_batched(layers, input_spec, check), logits[:len(check)]))}
 
 
+def calibration_curves(rows: list[dict]) -> tuple[dict, dict]:
+    """The plot's data: {(bits, requant): {method: [(images, mean, std, n)]}} over the
+    calibration samples, and each panel's float teacher top-1 as its reference line."""
+    groups: dict = {}
+    refs: dict = {}
+    for r in rows:
+        panel = (f"w{r['w_bits']}a{r['a_bits']}", r["requant"])
+        groups.setdefault(panel, {}).setdefault(method_label(r), {}).setdefault(r["images"], []).append(r["top1"])
+        refs.setdefault(panel, {})["float teacher"] = r["teacher_top1"]
+    curves = {panel: {m: [(n, float(np.mean(v)), float(np.std(v)), len(v)) for n, v in by_n.items()]
+                      for m, by_n in methods.items()} for panel, methods in groups.items()}
+    return curves, refs
+
+
 def method_label(row: dict) -> str:
     return f"percentile {row['percentile']:g}" if row["method"] == "percentile" else row["method"]
 
 
-def sweep_table(rows: list[dict]) -> str:
+def sweep_table(rows: list[dict], students: dict | None = None) -> str:
     """Markdown: integer top-1 (%) mean ± std over calibration samples, one line per
-    (method, bits, requant), one column per number of calibration images."""
+    (method, bits, requant), one column per number of calibration images; with
+    `students` {(wXaY, requant): top-1}, a last column with the trained student's figure."""
     images = sorted({r["images"] for r in rows})
+    students = students or {}
     groups: dict = {}
     for r in rows:
         key = (method_label(r), f"W{r['w_bits']}A{r['a_bits']}", r["requant"])
         groups.setdefault(key, {}).setdefault(r["images"], []).append(100 * r["top1"])
-    lines = ["| method | bits | requant | " + " | ".join(f"N={n}" for n in images) + " |",
-             "|---|---|---|" + "---:|" * len(images)]
+    extra = " PTL student |" if students else ""
+    lines = ["| method | bits | requant | " + " | ".join(f"N={n}" for n in images) + " |" + extra,
+             "|---|---|---|" + "---:|" * (len(images) + bool(students))]
     for (m, b, rq), by_n in groups.items():
         cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f} ({len(v)})" if (v := by_n.get(n)) else "n/a"
                  for n in images]
+        if students:
+            top1 = students.get((b.lower(), rq))
+            cells.append(f"{100 * top1:.2f}" if top1 is not None else "n/a")
         lines.append(f"| {m} | {b} | {rq} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

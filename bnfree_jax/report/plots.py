@@ -330,3 +330,31 @@ def plot_gradients(diagnostics: dict, path: Path) -> Optional[Path]:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
+
+
+def plot_calibration(curves: dict, references: dict, path: Path) -> Optional[Path]:
+    """PTQ integer top-1 vs calibration images, one panel per (bits, requant), one line
+    per method: `curves` {(bits, requant): {method: [(images, mean, std, n)]}};
+    `references` {(bits, requant): {label: top-1}} drawn as horizontal lines."""
+    if not curves:
+        return None
+    panels = sorted(curves, key=lambda k: (-int(re.findall(r"\d+", k[0])[0]), k[1]))
+    bits = sorted({b for b, _ in panels}, key=lambda b: -int(re.findall(r"\d+", b)[0]))
+    requants = sorted({r for _, r in panels}, key=lambda r: r != "layer")
+    fig = _figure(4.6 * len(requants), 3.4 * len(bits))
+    for (b, r) in panels:
+        ax = fig.add_subplot(len(bits), len(requants), bits.index(b) * len(requants) + requants.index(r) + 1)
+        for j, (method, pts) in enumerate(sorted(curves[(b, r)].items())):
+            pts = sorted(pts)
+            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                        fmt="o-", ms=4, capsize=2, color=f"C{j % 10}",
+                        label=f"{method} (n≤{max(p[3] for p in pts)})")
+        for k, (label, top1) in enumerate(sorted(references.get((b, r), {}).items())):
+            ax.axhline(100 * top1, color="k", ls=("--", ":", "-.")[k % 3], lw=1, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{b.upper()}, requant={r}", fontsize=10)
+        ax.set_xlabel("calibration images")
+        ax.set_ylabel("integer top-1 %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5)
+    return _save(fig, path)

@@ -9,6 +9,7 @@ the scratch student's at its initialisation).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -26,6 +27,7 @@ def make_calibrator(method: str, percentile: Optional[float] = None) -> Callable
     return lambda bits: quant.StreamingCalibrator(method, bits, signed=False, axis=None, **extra)
 
 
+@functools.lru_cache(maxsize=128)  # one compilation per (network, layer): a sweep calibrates one net hundreds of times
 def _quantizer_input_fn(net, index: int, name: str, batch_stats: bool):
     """jit(variables, images) -> what layer `index`'s activation quantizer sees; with
     `batch_stats`, BN normalises by the batch's statistics (as in training) and its
