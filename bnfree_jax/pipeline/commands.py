@@ -35,13 +35,17 @@ def _log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def open_job(config, workdir: Path, force: bool, command: str, profile_steps: str | None = None):
+def open_job(config, workdir: Path, force: bool, command: str, profile_steps: str | None = None,
+             check=None):
     """(context, ledger) of a job. Everything that can refuse the job (config values, data,
-    devices, another run holding the workdir, a changed config) does so before anything
-    is written; the workdir stays locked until the command ends."""
+    devices, the command's own `check(ctx)`, another run holding the workdir, a changed
+    config) does so before anything is written; the workdir stays locked until the command
+    ends."""
     validate_config(config)
     workdir = as_path(workdir)
     ctx = make_context(config, workdir, log=_log, profile_steps=parse_profile_steps(profile_steps))
+    if check is not None:
+        check(ctx)
     with workdir_lock(workdir, command, primary=is_primary(), log=_log):
         pin_config(config, workdir, force)
         yield ctx, Ledger(workdir)
@@ -137,8 +141,8 @@ def ptq(config, workdir: Path, args) -> int:
 
     t0 = time.time()
     opts = options_from_args(args)
-    check_calibration_images(config, opts)  # before the workdir is touched
-    with open_job(config, workdir, False, "bnfree ptq", args.profile_steps) as (ctx, ledger):
+    with open_job(config, workdir, False, "bnfree ptq", args.profile_steps,
+                  check=lambda ctx: check_calibration_images(ctx, opts)) as (ctx, ledger):
         summary = run_ptq(ctx, ledger, opts, t0)
         barrier("bnfree_ptq_done")
     if summary is None:  # not process 0

