@@ -264,7 +264,7 @@ def test_a_measured_sweep_row_is_what_the_full_ptq_gives(tmp_path):
     assert s["student_int_top1"] == rows[1]["top1"] and s["int_sim_bit_exact"]
 
 
-def test_calibration_table_puts_each_student_beside_its_bits():
+def test_calibration_table_puts_each_student_beside_its_bits(tmp_path):
     """sweep_table's PTL column: the student of the row's (bits, requant), n/a without one;
     calibration_curves: mean and std over the samples per number of images."""
     from bnfree_jax.pipeline.ptq_sweep import calibration_curves, sweep_table
@@ -280,3 +280,8 @@ def test_calibration_table_puts_each_student_beside_its_bits():
     curves, refs = calibration_curves(rows)
     assert curves[("w8a8", "layer")]["minmax"] == [(64, pytest.approx(0.97), pytest.approx(0.01), 2)]
     assert refs[("w4a4", "layer")] == {"float teacher": 0.99}
+    from bnfree_jax.report.plots import plot_calibration
+
+    out = plot_calibration(curves, refs, tmp_path / "calibration.png")
+    assert out is not None and (tmp_path / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_calibration({}, {}, tmp_path / "none.png") is None
