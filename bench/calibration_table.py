@@ -53,7 +53,8 @@ def main() -> None:
     teacher = {r["teacher_top1"] for r in rows}
     if len(teacher) != 1:
         raise SystemExit(f"the sweep's rows have several float teachers: {sorted(teacher)}")
-    students = dict(student(s, teacher.pop()) for s in a.student)
+    teacher_top1 = teacher.pop()
+    students = dict(student(s, teacher_top1) for s in a.student)
     table = sweep_table(rows, {k: v["student_int_top1"] for k, v in students.items()})
     print(table)
     curves, refs = calibration_curves(rows)
