@@ -3,7 +3,7 @@ embedded MNIST, where BN-free end-to-end training loses BN's stability (docs/res
 "Where BatchNorm matters", when measured). Measured so far: the float BN teacher, 1,200
 steps at batch 128, seed 0, `holdout`: 99.50 % on the held-out 10,000 images, in 2,459 s
 (0.49 step/s with the two cores shared by a calibration sweep, the test suite and another
-job; commit 6bab53c). The other budgets are still a guess: at that rate the whole job
+job; commit 6a3846d). The other budgets are still a guess: at that rate the whole job
 (QAT 600, PTL 14 x (60 + 150) + 600 steps at half the batch) is about two hours here,
 not the one hour aimed at, and the BN-free scratch baseline has not been run.
 
