@@ -275,10 +275,13 @@ def test_calibration_table_puts_each_student_beside_its_bits(tmp_path):
             {**row, "w_bits": 4, "a_bits": 4, "images": 64, "sample": 0, "top1": 0.9}]
     lines = sweep_table(rows, {("w8a8", "layer"): 0.9925}).splitlines()
     assert lines[0].endswith("| PTL student |")
-    assert lines[2] == "| minmax | W8A8 | layer | 97.00 ± 1.00 (2) | 99.25 |"
+    assert lines[2] == "| minmax | W8A8 | layer | 97.00 ± 1.41 (2) | 99.25 |"  # the sample std
     assert lines[3] == "| minmax | W4A4 | layer | 90.00 ± 0.00 (1) | n/a |"
+    mse_weights = sweep_table([{**rows[0], "weight_calib": "mse"}, rows[0]]).splitlines()
+    assert mse_weights[2:] == ["| minmax, weights mse | W8A8 | layer | 98.00 ± 0.00 (1) |",
+                               "| minmax | W8A8 | layer | 98.00 ± 0.00 (1) |"]
     curves, refs = calibration_curves(rows)
-    assert curves[("w8a8", "layer")]["minmax"] == [(64, pytest.approx(0.97), pytest.approx(0.01), 2)]
+    assert curves[("w8a8", "layer")]["minmax"] == [(64, pytest.approx(0.97), pytest.approx(0.02 ** 0.5 / 10), 2)]
     assert refs[("w4a4", "layer")] == {"float teacher": 0.99}
     from bnfree_jax.report.plots import plot_calibration
 

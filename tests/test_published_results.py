@@ -41,7 +41,7 @@ def test_readings_quote_the_tables_mean_and_std():
     head3 = {tuple(f"{x:.2f}" for x in mean_std(v)) for v in ([98.70, 98.57, 98.88], [99.35, 99.23, 99.29])}
     quoted = MEAN_STD.findall(RESULTS_MD.read_text())
     assert len(quoted) > len(cells)  # the readings quote some
-    assert [q for q in quoted if q not in cells | head3 | _precision_cells()] == []
+    assert [q for q in quoted if q not in cells | head3 | _precision_cells() | _calibration_cells()] == []
 
 
 def _precision_cells() -> set:
@@ -75,3 +75,25 @@ def test_table_and_plot_series_quote_the_same_std():
     for method, points in sweep_series(rows).items():
         for w, a, mean, std, n in points:
             assert cells[(method, f"W{w}A{a}")] == f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})"
+
+
+def _calibration_cells() -> set:
+    """'mean ± std' of each (method, bits, requant, images) of the calibration table's rows
+    (docs/results/calibration.json and calibration_low_bits.json), recomputed in %."""
+    from bnfree_jax.pipeline.ptq_sweep import method_label
+
+    rows = json.loads((ROOT / "docs" / "results" / "calibration.json").read_text())["results"]
+    rows += json.loads((ROOT / "docs" / "results" / "calibration_low_bits.json").read_text())
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((method_label(r), r["w_bits"], r["a_bits"], r["requant"], r["images"]), []).append(r["top1"])
+    return {tuple(f"{x:.2f}" for x in mean_std([100 * t for t in v])) for v in groups.values()}
+
+
+def test_calibration_section_quotes_its_rows():
+    """Every 'mean ± std' after the calibration heading is recomputable from its rows."""
+    text = RESULTS_MD.read_text()
+    section = text[text.index("## PTQ or PTL: the calibration table"):]
+    quoted = MEAN_STD.findall(section)
+    assert len(quoted) >= 144 + 18  # the table's cells and the low-bit rows
+    assert [q for q in quoted if q not in _calibration_cells()] == []

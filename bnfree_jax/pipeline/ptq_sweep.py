@@ -36,6 +36,7 @@ from bnfree_jax.pipeline.teacher import run_teacher_phases
 from bnfree_jax.pipeline.sweep import _share_teacher
 from bnfree_jax.pipeline.validate import validate_config
 from bnfree_jax.report.plots import plot_calibration
+from bnfree_jax.report.results_table import mean_std
 
 KEY = ("method", "percentile", "w_bits", "a_bits", "requant", "images", "sample", "weight_calib")
 CHECK_IMAGES = 1000  # evaluation images a measured row's two integer paths are compared on
@@ -146,17 +147,19 @@ def calibration_curves(rows: list[dict]) -> tuple[dict, dict]:
         panel = (f"w{r['w_bits']}a{r['a_bits']}", r["requant"])
         groups.setdefault(panel, {}).setdefault(method_label(r), {}).setdefault(r["images"], []).append(r["top1"])
         refs.setdefault(panel, {})["float teacher"] = r["teacher_top1"]
-    curves = {panel: {m: [(n, float(np.mean(v)), float(np.std(v)), len(v)) for n, v in by_n.items()]
+    curves = {panel: {m: [(n, *mean_std(v), len(v)) for n, v in by_n.items()]
                       for m, by_n in methods.items()} for panel, methods in groups.items()}
     return curves, refs
 
 
 def method_label(row: dict) -> str:
-    return f"percentile {row['percentile']:g}" if row["method"] == "percentile" else row["method"]
+    """The activation calibrator, and the weight calibration when it is not max-abs."""
+    label = f"percentile {row['percentile']:g}" if row["method"] == "percentile" else row["method"]
+    return label if row.get("weight_calib", "minmax") == "minmax" else f"{label}, weights {row['weight_calib']}"
 
 
 def sweep_table(rows: list[dict], students: dict | None = None) -> str:
-    """Markdown: integer top-1 (%) mean ± std over calibration samples, one line per
+    """Markdown: integer top-1 (%) mean ± sample std over calibration samples, one line per
     (method, bits, requant), one column per number of calibration images; with
     `students` {(wXaY, requant): top-1}, a last column with the trained student's figure."""
     images = sorted({r["images"] for r in rows})
@@ -169,7 +172,7 @@ def sweep_table(rows: list[dict], students: dict | None = None) -> str:
     lines = ["| method | bits | requant | " + " | ".join(f"N={n}" for n in images) + " |" + extra,
              "|---|---|---|" + "---:|" * (len(images) + bool(students))]
     for (m, b, rq), by_n in groups.items():
-        cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f} ({len(v)})" if (v := by_n.get(n)) else "n/a"
+        cells = ["{:.2f} ± {:.2f} ({})".format(*mean_std(v), len(v)) if (v := by_n.get(n)) else "n/a"
                  for n in images]
         if students:
             top1 = students.get((b.lower(), rq))
