@@ -14,21 +14,29 @@ from bnfree_jax.report.results_table import mean_std
 from etils.epath import Path
 
 
-def read_metrics(path: Path) -> dict:
-    """metrics.jsonl → {phase: (steps, losses)} in file order of first appearance, sorted by step.
-
-    A resumed phase may log a step twice; the last value wins.
-    """
+def _records(path: Path):
+    """metrics.jsonl's records (dicts) in file order; a line that is not one (a torn write
+    of a killed run) is skipped."""
     path = Path(path)
     if not path.exists():
-        return {}
-    by_phase: dict = {}
+        return
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(rec, dict) or "step" not in rec:
+        if isinstance(rec, dict):
+            yield rec
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.jsonl → {phase: (steps, losses)} in file order of first appearance, sorted by step.
+
+    A resumed phase may log a step twice; the last value wins.
+    """
+    by_phase: dict = {}
+    for rec in _records(path):
+        if "step" not in rec:
             continue
         loss = rec.get("loss")
         if not isinstance(loss, (int, float)) or not math.isfinite(loss):
@@ -43,17 +51,8 @@ DIAGNOSTIC_PREFIXES = ("grad_norm/", "clip_hi/", "clip_lo/", "ste_cos/")  # trai
 def read_diagnostics(path: Path) -> dict:
     """metrics.jsonl → {phase: {diagnostic key: value}}: each phase's last logged gradient
     diagnostics (its state at the end of the phase), phases in order of first appearance."""
-    path = Path(path)
-    if not path.exists():
-        return {}
     out: dict = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict):
-            continue
+    for rec in _records(path):
         found = {k: float(v) for k, v in rec.items() if k.startswith(DIAGNOSTIC_PREFIXES)
                  and isinstance(v, (int, float)) and math.isfinite(v)}
         if found:
