@@ -26,7 +26,7 @@ from bnfree_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from bnfree_jax.nn.network import STUDENT, TEACHER
 from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.train.checkpoint import Checkpointer
-from bnfree_jax.train.clip_calibration import calibrated_clips
+from bnfree_jax.train.clip_calibration import calibrated_clips, clips_text
 from bnfree_jax.train.evaluate import evaluate_top1
 from bnfree_jax.train.phase import resume
 from bnfree_jax.train.streams import stream_key, stream_seed
@@ -96,11 +96,11 @@ def initial_trees(env, qat_vars, init: str) -> Trees:
         x = jnp.zeros((1, *env.nets.image_shape), jnp.uint8)
         S = jax.device_get(student_net.init(stream_key(env.seed, "student/init"), x)["params"])
         if env.nets.act_calibration:  # model.act_init=NAME: the clips by calibration of this init
-            variables, alphas = calibrated_clips(student_net, {"params": S}, env.feed, env.nets.act_calibration,
+            variables, record = calibrated_clips(student_net, {"params": S}, env.feed, env.nets.act_calibration,
                                                  stream_seed(env.seed, "student/act_init"))
             S = variables["params"]
             env.log(f"scratch student: activation clips by {env.nets.act_calibration} calibration: "
-                    + " ".join(f"{k}={v:.4g}" for k, v in alphas.items()))
+                    f"{clips_text(record['act_alpha'])}")
     else:
         raise ValueError(f"unknown student init {init!r}")
     return Trees(S=S, T=dict(qat_vars["params"]), Tbs=dict(qat_vars["batch_stats"]), teacher=qat_vars)

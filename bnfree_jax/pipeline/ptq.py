@@ -40,7 +40,7 @@ from bnfree_jax.pipeline.layer_stats import collect_layer_stats, has_act_quantiz
 from bnfree_jax.pipeline.ledger import Ledger
 from bnfree_jax.pipeline.report_phase import write_report
 from bnfree_jax.pipeline.teacher import run_teacher_phases
-from bnfree_jax.train.clip_calibration import calibrate_clips, make_calibrator
+from bnfree_jax.train.clip_calibration import calibrate_clips, clips_text, make_calibrator
 
 WEIGHT_CALIBS = ("minmax", "mse")
 CALIB_BATCH = 256  # images per calibration step: the calibrators see one batch at a time
@@ -179,7 +179,7 @@ def run_ptq(ctx, ledger: Ledger, opts: PtqOptions, t0: float | None = None) -> d
     if not sub_ledger.done("teacher"):
         sub_ledger.mark_done("teacher", **{k: v for k, v in ledger.get("teacher").items() if k != "done"})
     params, calibration = ptq_student(sub, float_vars, opts)  # deterministic: a rerun finds the same
-    sub.log(f"[ptq] {opts.tag}: act_alpha " + " ".join(f"{k}={v:.4g}" for k, v in calibration["act_alpha"].items()))
+    sub.log(f"[ptq] {opts.tag}: act_alpha {clips_text(calibration['act_alpha'])}")
     export_student(sub, sub_ledger, params=params)
     stats = lambda c: collect_layer_stats(c.nets, c.feed, params, float_vars, teacher_quantized=False)  # noqa: E731
     return write_report(sub, sub_ledger, wall_seconds=time.time() - t0, measure=stats,

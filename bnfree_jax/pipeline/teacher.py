@@ -7,7 +7,7 @@ import time
 
 from bnfree_jax.nn.network import TEACHER
 from bnfree_jax.pipeline.ledger import Ledger
-from bnfree_jax.train.clip_calibration import ACT_INIT_IMAGES, calibrated_clips
+from bnfree_jax.train.clip_calibration import calibrated_clips, clips_text
 from bnfree_jax.train.streams import stream_key, stream_seed
 from bnfree_jax.train.supervised import graft, init_variables, train_bn_network
 from bnfree_jax.train.variables import load_variables, save_variables
@@ -54,9 +54,7 @@ def calibrated_start(ctx, net, variables, phase: str):
     method = ctx.nets.act_calibration
     if not method:
         return variables, None
-    variables, alphas = calibrated_clips(net, variables, ctx.feed, method,
+    variables, record = calibrated_clips(net, variables, ctx.feed, method,
                                          stream_seed(ctx.config.seed, f"{phase}/act_init"))
-    ctx.log(f"[{phase}] activation clips by {method} calibration: "
-            + " ".join(f"{k}={v:.4g}" for k, v in alphas.items()))
-    return variables, {"act_init": {"method": method, "images": min(ACT_INIT_IMAGES, len(ctx.feed.train_source)),
-                                    "act_alpha": alphas}}
+    ctx.log(f"[{phase}] activation clips by {method} calibration: {clips_text(record['act_alpha'])}")
+    return variables, {"act_init": record}

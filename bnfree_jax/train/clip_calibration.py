@@ -71,7 +71,13 @@ def calibrate_clips(net, variables: dict, batches, calibrator: Callable) -> tupl
 
 
 def calibrated_clips(net, variables: dict, feed, method: str, seed: int) -> tuple[dict, dict]:
-    """`calibrate_clips` on ACT_INIT_IMAGES training images drawn by `seed` (all of them
-    when the split is smaller)."""
+    """(variables, record {method, images, act_alpha}): `calibrate_clips` on ACT_INIT_IMAGES
+    training images drawn by `seed` (all of them when the split is smaller)."""
     n = min(ACT_INIT_IMAGES, len(feed.train_source))
-    return calibrate_clips(net, variables, feed.sample_batches(n, seed), make_calibrator(method))
+    variables, alphas = calibrate_clips(net, variables, feed.sample_batches(n, seed), make_calibrator(method))
+    return variables, {"method": method, "images": n, "act_alpha": alphas}
+
+
+def clips_text(alphas: dict) -> str:
+    """'conv1=4.68 conv2=4.86 ...': calibrated clips as the logs print them."""
+    return " ".join(f"{k}={v:.4g}" for k, v in alphas.items())
