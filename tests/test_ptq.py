@@ -288,3 +288,17 @@ def test_calibration_table_puts_each_student_beside_its_bits(tmp_path):
     out = plot_calibration(curves, refs, tmp_path / "calibration.png")
     assert out is not None and (tmp_path / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_calibration({}, {}, tmp_path / "none.png") is None
+
+
+def test_the_verified_row_of_a_sub_job_is_read_from_the_rows():
+    """A sub-job counts as verified only by a finished row run as `bnfree ptq` (not by a
+    ptq/ directory a killed first row left behind); rows older than the key were."""
+    import ml_collections
+
+    from bnfree_jax.pipeline.ptq_sweep import has_verified_row
+
+    c = ml_collections.ConfigDict({"model": {"w_bits": 8, "a_bits": 8, "requant": "layer"}})
+    row = {"w_bits": 8, "a_bits": 8, "requant": "layer"}
+    assert not has_verified_row([], c)
+    assert not has_verified_row([{**row, "verified": False}, {**row, "requant": "channel", "verified": True}], c)
+    assert has_verified_row([{**row, "verified": True}], c) and has_verified_row([row], c)

@@ -39,6 +39,12 @@ def _still_exported(ctx, ledger, key: str, out_dir: Path) -> bool:
     return False
 
 
+def integer_layers(ctx, params) -> tuple[list, dict]:
+    """`integerize` of the job's student params: (integer layers, input spec)."""
+    return integerize(ctx.nets.specs(quantized=True), params, ctx.info.mean, ctx.info.std, ctx.info.image_shape,
+                      ctx.nets.per_channel)
+
+
 def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: str = "export") -> dict:
     """Write the artifact (default WORKDIR/export) and its verification; returns the manifest.
 
@@ -49,14 +55,12 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
     if _still_exported(ctx, ledger, key, out_dir):
         return json.loads((out_dir / MANIFEST_FILE).read_text())
     t0 = time.time()
-    specs = ctx.nets.specs(quantized=True)
     if params is None:
         params = final_student(ctx.nets, ctx.config.ptl, ctx.workdir / "ptl")
         if params is None:
             raise ValueError(f"{ctx.workdir}: distillation has not finished; run `bnfree distill` first")
     net = ctx.nets.network(STUDENT)
-    layers, input_spec = integerize(specs, params, ctx.info.mean, ctx.info.std, ctx.info.image_shape,
-                                    ctx.nets.per_channel)
+    layers, input_spec = integer_layers(ctx, params)
     images, labels = ctx.feed.eval_arrays()
     fq = batched_outputs(lambda p, x: net.apply({"params": p}, x), params, images)
     sim = int_sim_batched(layers, input_spec, images)

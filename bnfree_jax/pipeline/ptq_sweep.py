@@ -24,12 +24,12 @@ import numpy as np
 
 from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.pipeline.context import make_context
+from bnfree_jax.pipeline.export_phase import integer_layers
 from bnfree_jax.pipeline.job import pin_config
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
 from bnfree_jax.pipeline.ledger import Ledger
 from bnfree_jax.config_io import to_dict
 from bnfree_jax.export.artifact import write_artifact
-from bnfree_jax.export.integerize import integerize
 from bnfree_jax.export.simulate import int_sim_batched
 from bnfree_jax.pipeline.ptq import PtqOptions, calibration_context, ptq_student, run_ptq
 from bnfree_jax.pipeline.teacher import run_teacher_phases
@@ -95,7 +95,7 @@ def run_ptq_sweep(config, workdir: Path, log=print) -> list[dict]:
                 if key in done:
                     continue
                 t0 = time.time()
-                verified = grid.get("verify", "first") == "all" or not (sub / "ptq").exists()
+                verified = grid.get("verify", "first") == "all" or not has_verified_row(rows, c)
                 if verified:
                     s = run_ptq(ctx, ledger, opts, t0)
                     row = {"top1": s["student_int_top1"], "fakequant_top1": s["student_fakequant_top1"],
@@ -116,6 +116,13 @@ def run_ptq_sweep(config, workdir: Path, log=print) -> list[dict]:
     return rows
 
 
+def has_verified_row(rows: list[dict], c) -> bool:
+    """Whether the (bits, requant) sub-job of config `c` has a row run as `bnfree ptq`
+    (rows from before `verified` existed all were)."""
+    sub = (c.model.w_bits, c.model.a_bits, c.model.requant)
+    return any(r.get("verified", True) and (r["w_bits"], r["a_bits"], r["requant"]) == sub for r in rows)
+
+
 def measured_row(ctx, ledger, float_vars: dict, opts: PtqOptions) -> dict:
     """A calibration's integer top-1 without the full verification of `bnfree ptq`: the
     artifact written to ptq/<tag>/export and evaluated by the interpreter on the whole
@@ -125,8 +132,7 @@ def measured_row(ctx, ledger, float_vars: dict, opts: PtqOptions) -> dict:
 
     sub = calibration_context(ctx, opts)
     params, calibration = ptq_student(sub, float_vars, opts)
-    layers, input_spec = integerize(sub.nets.specs(quantized=True), params, sub.info.mean, sub.info.std,
-                                    sub.info.image_shape, sub.nets.per_channel)
+    layers, input_spec = integer_layers(sub, params)
     out = sub.workdir / "export"
     write_artifact(out, layers=layers, input_spec=input_spec, config=to_dict(sub.config),
                    metrics={"calibration": calibration})
