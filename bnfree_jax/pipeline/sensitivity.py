@@ -27,7 +27,7 @@ from bnfree_jax.data.storage import Path, as_path, write_text_atomic
 from bnfree_jax.distill.ptl import final_student
 from bnfree_jax.export.packing import packed_nbytes
 from bnfree_jax.nn.network import STUDENT
-from bnfree_jax.nn.zoo import FLOAT_BITS, LayerSpec
+from bnfree_jax.nn.zoo import LayerSpec
 from bnfree_jax.train.evaluate import batched_outputs
 
 CANDIDATE_BITS = (1, 2, 4, 8)  # the widths a proposal may give a layer
