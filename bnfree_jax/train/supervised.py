@@ -1,5 +1,6 @@
-"""Supervised training of a BN network (the float teacher and its QAT fine-tune):
-cross-entropy with batch statistics synced over the data axis."""
+"""Supervised training of a classifier (the float BN teacher and its QAT fine-tune; also a
+BN-free float network, the from-scratch reference of bench/bn_free_scratch.py):
+cross-entropy with batch statistics, if any, synced over the data axis."""
 
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ def graft(target, source):
 
 def train_bn_network(phase: str, net, variables, steps: int, batch: int, optim_cfg, *, rt, feed,
                      ckpt_dir, seed: int):
-    """Train a BN network with cross-entropy, resumably; returns (variables, top-1 on the
-    feed's evaluation split). Its data order and step rng are the job's `phase` streams."""
+    """Train a classifier with cross-entropy, resumably; returns (variables, top-1 on the
+    feed's evaluation split). Its data order and step rng are the job's `phase` streams;
+    its collections other than `params` (BN's batch_stats, none for a BN-free network)
+    are the model state."""
     tx = make_optimizer(optim_cfg, steps)  # its schedule is make_schedule(optim_cfg, steps)
-    model_state = {"batch_stats": variables["batch_stats"]}
+    model_state = {k: v for k, v in variables.items() if k != "params"}
     state = create_train_state(variables["params"], tx, model_state=model_state,
                                rng=stream_key(seed, f"{phase}/step"))
     batches = feed.train_batches(batch, stream_seed(seed, f"{phase}/data"), rt.mesh)
@@ -56,5 +59,6 @@ def train_bn_network(phase: str, net, variables, steps: int, batch: int, optim_c
                            lr=make_schedule(optim_cfg, steps))
     out = {"params": jax.device_get(state.params), **jax.device_get(state.model_state)}
     apply_fn = lambda p, ms, fr, x: net.apply({"params": p, **ms}, x, train=False)
-    top1 = evaluate_top1(apply_fn, out["params"], {"batch_stats": out["batch_stats"]}, {}, feed, rt.mesh)
+    top1 = evaluate_top1(apply_fn, out["params"], {k: v for k, v in out.items() if k != "params"}, {}, feed,
+                         rt.mesh)
     return out, top1
