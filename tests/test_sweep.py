@@ -67,6 +67,8 @@ def test_tiny_sweep_has_a_row_per_method(tmp_path):
             rec = ledger["export" if r["method"] == "ptl" else f"export/{r['method']}"]
             assert r["fakequant_top1"] == rec["student_fakequant_top1"] and rec["n_images"] == 256, r
     assert "| fold_qat | layer |" in (tmp_path / "sw" / "sweep" / "table.md").read_text()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert {r["commit"] for r in rows} == {head or None}  # each row names the code that made it
 
 
 def independent_top1(sub: Path, baselines) -> dict:

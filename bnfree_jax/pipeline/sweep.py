@@ -62,29 +62,30 @@ def run_sweep(config, workdir: Path, log=print) -> list[dict]:
                 ledger = Ledger(sub)
                 key = lambda m: (m, c.model.w_bits, c.model.a_bits, requant, seed)
 
-                def add(method, top1, fq=None, seconds=None):
+                def add(method, record, top1="top1", seconds=None):
+                    """The row of `method` from its ledger `record` (its commit: the code that finished it)."""
                     if key(method) in done:
                         return
                     rows.append(dict(zip(("method", "w_bits", "a_bits", "requant", "seed"), key(method)),
-                                     top1=top1, fakequant_top1=fq, seconds=seconds))
+                                     top1=record[top1], fakequant_top1=record.get("student_fakequant_top1"),
+                                     seconds=seconds, commit=record.get("code", {}).get("commit")))
                     done.add(key(method))
                     write_json(path, rows, indent=1)  # a crash mid-write must not lose the rows
 
                 t0 = time.time()
                 _, qat_vars = run_teacher_phases(ctx, ledger, qat=True)
                 first.setdefault(seed, sub)
-                add("teacher", ledger.get("teacher")["top1"])
-                add("qat_teacher", ledger.get("qat")["top1"])
+                add("teacher", ledger.get("teacher"))
+                add("qat_teacher", ledger.get("qat"))
                 run_distill(ctx, ledger)
-                ex = export_student(ctx, ledger)["metrics"]
-                add("ptl", ex["student_int_top1"], ex["student_fakequant_top1"], round(time.time() - t0, 1))
+                export_student(ctx, ledger)
+                add("ptl", ledger.get("export"), "student_int_top1", round(time.time() - t0, 1))
                 for name in config.sweep.baselines:
                     t0 = time.time()
                     k = f"export/{name}"
                     if not ledger.done(k):
                         params = baseline_student(ctx, ledger, qat_vars, name)
                         export_student(ctx, ledger, params=params, out_dir=sub / "baselines" / name / "export", key=k)
-                    rec = ledger.get(k)
-                    add(name, rec["student_int_top1"], rec["student_fakequant_top1"], round(time.time() - t0, 1))
+                    add(name, ledger.get(k), "student_int_top1", round(time.time() - t0, 1))
     (out / "table.md").write_text(results_table(rows))
     return rows
