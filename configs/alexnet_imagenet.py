@@ -58,6 +58,7 @@ def get_config(arg: str = ""):
         layer_target="tandem",
         own_layer_rate="slow",
         head_layers=1,
+        block_layers=1,
         train_own_activation=False,
         cache_teacher=False, target_cache_mb=0,  # augmented inputs: teacher outputs cannot be cached
         optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),

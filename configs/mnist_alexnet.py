@@ -45,6 +45,7 @@ def get_config(arg: str = ""):
         layer_target="tandem",      # S_ℓ imitates T'_ℓ on its own input ("teacher": the original teacher's path)
         own_layer_rate="slow",      # S_ℓ starts at its closed-form fit: train it at × optim.slow_lr_factor
         head_layers=1,              # > 1: convert the last N layers together, end to end, in N stages' steps
+        block_layers=1,             # > 1: each stage before the head converts this many layers, fitted together
         train_own_activation=False,  # the downstream loss also trains S_ℓ's activation clip (docs/ptl.md)
         cache_teacher=True,         # with no augmentation: teacher logits (and layer targets) computed once
         target_cache_mb=2048,       # host memory for cached layer targets, filled from the last layer back

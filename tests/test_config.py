@@ -73,7 +73,7 @@ BAD = [
     ("ptl.kd_temperature", 0.0), ("ptl.kd_temperature", -2.0), ("ptl.kd_temperature", INF),
     ("ptl.ce_weight", -1.0), ("ptl.kd_weight", NAN), ("ptl.layer_loss_weight", INF),
     ("ptl.prefix", "thawed"), ("ptl.layer_target", "student"), ("ptl.own_layer_rate", "frozen"),
-    ("ptl.head_layers", 0), ("ptl.head_layers", 9), ("ptl.target_cache_mb", -1), ("ptl.local_init", 1),
+    ("ptl.head_layers", 0), ("ptl.head_layers", 9), ("ptl.block_layers", 0), ("ptl.block_layers", 9), ("ptl.target_cache_mb", -1), ("ptl.local_init", 1),
     ("ptl.compensation", "no"), ("ptl.cache_teacher", None),
     # model
     ("model.w_bits", 0), ("model.a_bits", 9), ("model.first_last_w_bits", 32), ("model.w_bits", 4.0),
@@ -115,6 +115,10 @@ def test_every_numeric_and_enum_key_has_a_bad_case():
 def test_error_messages_name_the_domain(base):
     assert "is outside 1..8" in _refusal(_with(base, "model.w_bits", 9))
     assert "is outside 1..8 (the layers of alexnet_mini)" in _refusal(_with(base, "ptl.head_layers", 9))
+    assert "ptl.block_layers=6 is outside 1..5 (the layers of alexnet_mini before its ptl.head_layers=3 head)" in \
+        _refusal(_with(_with(base, "ptl.head_layers", 3), "ptl.block_layers", 6))
+    assert "ptl.train_own_activation needs ptl.block_layers=1" in \
+        _refusal(_with(_with(base, "ptl.block_layers", 2), "ptl.train_own_activation", True))
     assert "must be an int >= 1" in _refusal(_with(base, "teacher.steps", 0))
     assert "must be a finite number > 0" in _refusal(_with(base, "teacher.optim.lr", -0.1))
     assert "must be one of 'sgd', 'adamw'" in _refusal(_with(base, "teacher.optim.name", "adam"))

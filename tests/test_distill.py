@@ -271,3 +271,66 @@ def test_head_stage_converts_the_last_layers_together(ctx, qat_vars):
     for n in ("conv2", "fc3"):  # both head layers trained after their hand-over
         assert not np.array_equal(np.asarray(handed.S[n]["kernel"]), np.asarray(student[n]["kernel"])), n
         assert not np.array_equal(np.asarray(handed.S[n]["kernel"]), np.asarray(init.S[n]["kernel"])), n
+
+
+def test_block_plan_converts_layers_together_at_the_same_budget(ctx):
+    """ptl.block_layers=2 on conv1, conv2, fc3: one stage converts conv1-conv2 (their T'
+    path is the target, fc3's T' compensates), then fc3 alone; the total budget is the
+    default plan's; a block with the own-activation lever, or of no layers, is refused."""
+    from bnfree_jax.distill.plan import total_steps
+
+    names = ctx.nets.layer_names
+    cfg = _with_ptl(ctx, stage_steps=3).ptl
+    single = build_stage_plan(cfg, names)
+    cfg.block_layers = 2
+    plan = build_stage_plan(cfg, names)
+    assert [s.name for s in plan] == ["local_init", "stage1_conv1-conv2", "stage3_fc3", "finetune"]
+    assert total_steps(plan) == total_steps(single) and plan[1].steps == 6 and plan[2].steps == 3
+    block = plan[1]
+    assert block.block and block.block_first == 1 and list(block.converts) == [1, 2] and block.layer_name == "conv2"
+    assert sorted(block.groups(SLOW)) == ["S:conv1", "S:conv2"]  # own_layer_rate="slow" for each converted layer
+    assert sorted(block.groups(FROZEN)) == ["T:conv1", "T:conv2"] and block.groups(TRAINABLE) == ["T:fc3"]
+    assert not plan[2].block and plan[2].block_first == 3
+    for bad, match in ((dict(block_layers=0), "block_layers"),
+                       (dict(block_layers=2, train_own_activation=True), "train_own_activation")):
+        wrong = cfg.copy_and_resolve_references()
+        for k, v in bad.items():
+            setattr(wrong, k, v)
+        with pytest.raises(ValueError, match=match):
+            build_stage_plan(wrong, names)
+
+
+def test_block_loss_is_the_block_output_against_the_tprime_path(ctx, env, qat_vars):
+    """The block stage's layer MSE is S_1..S_2's output against T'_1..T'_2's on the same
+    images (numpy), its gradient reaches both converted layers, and fc3's T' learns only
+    from the task loss."""
+    import jax.numpy as jnp
+
+    from bnfree_jax.distill.stage_runner import split
+    from bnfree_jax.distill.tandem import merged
+
+    names = ctx.nets.layer_names
+    cfg = _with_ptl(ctx).ptl
+    cfg.block_layers = 2
+    env2 = dataclasses.replace(env, ptl=cfg)
+    block = build_stage_plan(cfg, names)[1]
+    student_net, teacher_net = ctx.nets.network(STUDENT), ctx.nets.network(TEACHER)
+    trees = initial_trees(env2, qat_vars, "fold")
+    params, frozen, _ = split(block, trees)
+    loss_fn = stage_loss(env2, block, student_net, teacher_net)
+    images, labels = ctx.feed.eval_arrays(64)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    (_, (_, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, {}, frozen, batch, None)
+    S, T = merged(params, frozen, "S"), merged(params, frozen, "T")
+    _, s_trace = student_net.apply({"params": S}, batch["image"], stop=2, capture=True)
+    _, t_trace = teacher_net.apply({"params": T, "batch_stats": frozen["Tbs"]}, batch["image"], stop=2, capture=True)
+    pred, goal = np.asarray(s_trace[1][1], np.float64), np.asarray(t_trace[1][1], np.float64)
+    want = np.mean((pred - goal) ** 2) / (np.var(goal) + 1e-8)
+    assert float(metrics["layer_mse"]) == pytest.approx(want, rel=1e-4)
+    for n in ("conv1", "conv2"):
+        assert float(np.abs(np.asarray(grads["S"][n]["kernel"])).max()) > 0, n
+    no_task = {k: (0.0 if k in ("ce", "kd") else v) for k, v in block.losses.items()}
+    loss_mse = stage_loss(env2, dataclasses.replace(block, losses=no_task), student_net, teacher_net)
+    g = jax.grad(lambda p: loss_mse(p, {}, frozen, batch, None)[0])(params)
+    assert float(np.abs(np.asarray(g["T"]["fc3"]["kernel"])).max()) == 0.0  # fc3's T' sees the task loss only
+    assert float(np.abs(np.asarray(grads["T"]["fc3"]["kernel"])).max()) > 0

@@ -24,6 +24,13 @@ class Stage:
     losses: dict  # loss name -> weight
     first: int = 0  # a tandem stage converts layers first..layer (0: layer alone)
     own_activation: bool = False  # the downstream loss trains S_ℓ's activation quantizer (its α, full rate)
+    block: bool = False  # layers first..layer fitted together to the target path's output at `layer`
+
+    @property
+    def block_first(self) -> int:
+        """Where the stage's layer-wise target path starts: `first` for a block, else ℓ (a
+        head's layer MSE is on S_L alone; its layers learn end to end from the task loss)."""
+        return self.first if self.block and self.first else self.layer
 
     @property
     def layer_name(self) -> str:
@@ -77,17 +84,26 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
         raise ValueError(f"ptl.head_layers must be in 1..{L} (this network's layers), got {head}")
     losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}
     own_act = train_own_activation(ptl_cfg)
-    for l in range(1, L + 1 if head == 1 else L - head + 1):
+    block = block_layers(ptl_cfg)
+    if block > 1 and own_act:
+        raise ValueError("ptl.train_own_activation needs ptl.block_layers=1 (one converted layer per stage)")
+    body = L if head == 1 else L - head  # layers converted before the head stage
+    for first in range(1, body + 1, block):
+        l = min(first + block - 1, body)
         labels = {}
         for i in range(L):
-            if i < l - 1:
+            if i < first - 1:
                 labels[s_groups[i]], labels[t_groups[i]] = prefix, UNUSED
-            elif i == l - 1:
+            elif i < l:
                 labels[s_groups[i]], labels[t_groups[i]] = own, replaced
             else:
                 labels[s_groups[i]], labels[t_groups[i]] = UNUSED, downstream
-        plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses,
-                          own_activation=own_act and l < L))  # S_L makes the logits: nothing downstream
+        if l == first:
+            plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses,
+                              own_activation=own_act and l < L))  # S_L makes the logits: nothing downstream
+        else:  # a block: its layers' budgets together, one stage
+            plan.append(Stage(f"stage{first}_{layer_names[first - 1]}-{layer_names[l - 1]}", "tandem", l, labels,
+                              (l - first + 1) * ptl_cfg.stage_steps, losses, first=first, block=True))
     if head > 1:  # the last `head` layers converted together, trained end to end, same budget
         first = L - head + 1
         labels = {}
@@ -106,6 +122,15 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
 def train_own_activation(ptl_cfg) -> bool:
     """`ptl.train_own_activation`; off when a config predates the key (config_io.ADDED)."""
     return bool(getattr(ptl_cfg, "train_own_activation", False))  # its value checked by pipeline.validate
+
+
+def block_layers(ptl_cfg) -> int:
+    """`ptl.block_layers` (1 when a config predates the key, config_io.ADDED): the layers
+    each tandem stage before the head converts together."""
+    block = int(getattr(ptl_cfg, "block_layers", 1))
+    if block < 1:
+        raise ValueError(f"ptl.block_layers must be at least 1, got {block}")
+    return block
 
 
 def total_steps(plan: Sequence[Stage]) -> int:

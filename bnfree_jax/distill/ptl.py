@@ -41,11 +41,11 @@ def stage_loss(env, stage: Stage, student_net, teacher_net):
         return make_local_init_loss(student_net, teacher_net)
     if stage.kind == "finetune":
         return make_finetune_loss(student_net, teacher_net, stage.losses, p.kd_temperature)
-    L, l = len(student_net.specs), stage.layer
-    prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN for s in student_net.specs[: l - 1])
-    return make_tandem_loss(env.nets.network(tandem_roles(L, l)), env.nets.network(tandem_roles(L, l - 1)),
+    L, l, start = len(student_net.specs), stage.layer, stage.block_first
+    prefix_frozen = all(stage.labels[f"S:{s.name}"] == FROZEN for s in student_net.specs[: start - 1])
+    return make_tandem_loss(env.nets.network(tandem_roles(L, l)), env.nets.network(tandem_roles(L, start - 1)),
                             teacher_net, l, stage.losses, p.kd_temperature, prefix_frozen, target_mode(stage),
-                            own_activation=stage.own_activation)
+                            own_activation=stage.own_activation, first=start)
 
 
 def target_mode(stage: Stage) -> str:
@@ -67,9 +67,9 @@ def stage_metrics(env, stage: Stage, trees: Trees, teacher_net, probe) -> dict:
 
 def _own_layer_error(env, stage: Stage, trees: Trees, teacher_net, probe) -> float:
     """Relative MSE of the stage's own layer to its stage target (what the stage minimises)."""
-    L, l = len(env.nets.layer_names), stage.layer
-    return own_layer_error(env.nets.network(tandem_roles(L, l)), env.nets.network(tandem_roles(L, l - 1)),
-                           teacher_net, l, trees, probe, target_mode(stage))
+    L, l, start = len(env.nets.layer_names), stage.layer, stage.block_first
+    return own_layer_error(env.nets.network(tandem_roles(L, l)), env.nets.network(tandem_roles(L, start - 1)),
+                           teacher_net, l, trees, probe, target_mode(stage), start)
 
 
 def plan_teacher_cache(env, teacher_vars) -> Optional[TeacherCache]:

@@ -51,14 +51,17 @@ def stage_targets(teacher_net, frozen, batch, l: int):
     return t_logits, t_trace[l - 1][1]
 
 
-def layer_target(target_net, teacher_net, frozen, batch, l: int, h, mode: str):
+def layer_target(target_net, teacher_net, frozen, batch, l: int, h, mode: str, first: int = 0):
     """Stage ℓ's target: `"tandem"`, T'_ℓ (the working copy as earlier stages compensated it,
-    BN in inference mode) on the student's input h; `"teacher"`, the original teacher's
-    post-BN output on its own path (read from the batch when cached)."""
+    BN in inference mode) on the student's input h — for a block converting first..ℓ, the
+    path T'_first..T'_ℓ on the student's input to layer `first`; `"teacher"`, the original
+    teacher's post-BN output at ℓ on its own path (read from the batch when cached).
+    `target_net` has T' from layer `first` (or ℓ) on."""
+    first = first or l
     if mode == "tandem":
-        variables = tandem_variables(target_net.specs, l - 1, frozen.get("S", {}), frozen["T"], frozen["Tbs"])
-        _, trace = target_net.apply(variables, h, start=l - 1, stop=l, capture=True)
-        return jax.lax.stop_gradient(trace[0][1])
+        variables = tandem_variables(target_net.specs, first - 1, frozen.get("S", {}), frozen["T"], frozen["Tbs"])
+        _, trace = target_net.apply(variables, h, start=first - 1, stop=l, capture=True)
+        return jax.lax.stop_gradient(trace[-1][1])
     return stage_targets(teacher_net, frozen, batch, l)[1]
 
 
@@ -82,15 +85,20 @@ def own_activation_output(tandem_net, variables, h, l: int):
 
 
 def make_tandem_loss(tandem_net, target_net, teacher_net, l: int, losses: dict, temperature: float,
-                     prefix_frozen: bool, target: str = "tandem", own_activation: bool = False):
+                     prefix_frozen: bool, target: str = "tandem", own_activation: bool = False, first: int = 0):
     """Stage ℓ: S_ℓ is fitted by the layer-wise MSE of its output to its target (see
     `layer_target`); T'_{ℓ+1..L} compensate by CE + KD of the tandem logits, which do
     not reach S_ℓ (its output enters T' through stop_gradient), except at ℓ = L where S_L
     produces the logits itself, and, with `own_activation` (`ptl.train_own_activation`),
     S_ℓ's activation clip (see `own_activation_output`). With a frozen prefix,
     S_1..S_{ℓ-1} run outside autodiff. `target_net` is the tandem network of stage ℓ-1
-    (T'_ℓ still in place)."""
+    (T'_ℓ still in place). A block (`first` < ℓ): S_first..S_ℓ are fitted together, the
+    MSE of S_ℓ's output to T'_first..T'_ℓ's on the same input (the prefix before `first`
+    frozen), and `target_net` is the tandem network with T' from `first` on."""
     specs = tandem_net.specs
+    start = first or l  # the first layer the stage trains on its layer-wise loss
+    if own_activation and start != l:
+        raise ValueError("own_activation trains one converted layer's clip: not with a block")
 
     def loss_fn(params, model_state, frozen, batch, rng):
         del model_state, rng
@@ -98,11 +106,11 @@ def make_tandem_loss(tandem_net, target_net, teacher_net, l: int, losses: dict, 
         variables = tandem_variables(specs, l, student, tprime, frozen["Tbs"])
         images = batch["image"]
         t_logits = batch["t_logits"] if "t_logits" in batch else stage_targets(teacher_net, frozen, batch, l)[0]
-        h = _student_input(tandem_net, variables, images, l, prefix_frozen)
+        h = _student_input(tandem_net, variables, images, start, prefix_frozen)
         goal = layer_target(target_net, teacher_net, {**frozen, "S": student, "T": tprime}, batch, l,
-                            jax.lax.stop_gradient(h), target)
-        act, trace = tandem_net.apply(variables, h, start=l - 1, stop=l, capture=True)
-        layer_mse = relative_mse(trace[0][1], goal)
+                            jax.lax.stop_gradient(h), target, start)
+        act, trace = tandem_net.apply(variables, h, start=start - 1, stop=l, capture=True)
+        layer_mse = relative_mse(trace[-1][1], goal)
         if l < len(specs):  # S_ℓ learns from its target; T' compensates through the task loss
             out = own_activation_output(tandem_net, variables, h, l) if own_activation else jax.lax.stop_gradient(act)
             logits = tandem_net.apply(variables, out, start=l)
@@ -116,14 +124,17 @@ def make_tandem_loss(tandem_net, target_net, teacher_net, l: int, losses: dict, 
     return loss_fn
 
 
-def own_layer_error(tandem_net, target_net, teacher_net, l: int, trees, images, target: str) -> float:
-    """Relative MSE of S_ℓ to its stage target on `images` (the quantity stage ℓ minimises)."""
+def own_layer_error(tandem_net, target_net, teacher_net, l: int, trees, images, target: str,
+                    first: int = 0) -> float:
+    """Relative MSE of S_ℓ to its stage target on `images` (the quantity stage ℓ minimises;
+    a block's: S_first..S_ℓ against T'_first..T'_ℓ)."""
+    start = first or l
     variables = tandem_variables(tandem_net.specs, l, trees.S, trees.T, trees.Tbs)
-    h = _student_input(tandem_net, variables, images, l, True)
+    h = _student_input(tandem_net, variables, images, start, True)
     frozen = {"S": trees.S, "T": trees.T, "Tbs": trees.Tbs, "teacher": trees.teacher}
-    goal = layer_target(target_net, teacher_net, frozen, {"image": images}, l, h, target)
-    _, trace = tandem_net.apply(variables, h, start=l - 1, stop=l, capture=True)
-    return float(relative_mse(trace[0][1], goal))
+    goal = layer_target(target_net, teacher_net, frozen, {"image": images}, l, h, target, start)
+    _, trace = tandem_net.apply(variables, h, start=start - 1, stop=l, capture=True)
+    return float(relative_mse(trace[-1][1], goal))
 
 
 def make_local_init_loss(student_net, teacher_net):

@@ -198,7 +198,7 @@ _SECTIONS = {
             "kd_temperature": POSITIVE, "prefix": one_of((FROZEN, SLOW)), "local_init": boolean,
             "compensation": boolean, "layer_target": one_of(LAYER_TARGETS),
             "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
-            "train_own_activation": boolean,
+            "block_layers": integer(1), "train_own_activation": boolean,
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
     "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS, "grad_diagnostics": boolean},
     "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS)},
@@ -217,7 +217,8 @@ _OPTIM_BLOCKS = ("teacher.optim", "qat.optim", "ptl.optim", "ptl.finetune_optim"
 OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platform",
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
-            "model.layers", "model.layer_table", "ptl.train_own_activation", "checkpoint.grad_diagnostics"} | {
+            "model.layers", "model.layer_table", "ptl.train_own_activation", "checkpoint.grad_diagnostics",
+            "ptl.block_layers"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
@@ -309,15 +310,25 @@ def record_plugins(config: ml_collections.ConfigDict) -> None:
 
 
 def _model_rules(good: dict) -> list[str]:
-    """ptl.head_layers counts the model's layers."""
+    """ptl.head_layers and ptl.block_layers count the model's layers; a block converts
+    several layers in one stage, so it has no single layer whose clip to train."""
     name, classes = good.get("model.name"), good.get("model.num_classes")
-    head = good.get("ptl.head_layers")
+    head, block = good.get("ptl.head_layers"), good.get("ptl.block_layers", ADDED["ptl.block_layers"])
+    errors = []
+    if block > 1 and good.get("ptl.train_own_activation"):
+        errors.append(f"ptl.block_layers={block} converts several layers per stage; ptl.train_own_activation "
+                      "needs ptl.block_layers=1")
     if name is None or classes is None or head is None:
-        return []
+        return errors
     n = len(MODELS[name](classes))
     if head > n:
-        return [f"ptl.head_layers={head} is outside 1..{n} (the layers of {name})"]
-    return []
+        return errors + [f"ptl.head_layers={head} is outside 1..{n} (the layers of {name})"]
+    body = n if head == 1 else n - head  # the layers converted before the head stage
+    if block > max(body, 1):
+        errors.append(f"ptl.block_layers={block} is outside 1..{body} (the layers of {name} before its "
+                      f"ptl.head_layers={head} head)" if head > 1 else
+                      f"ptl.block_layers={block} is outside 1..{n} (the layers of {name})")
+    return errors
 
 
 def _layer_rule_errors(good: dict) -> list[str]:
