@@ -11,8 +11,8 @@ in a workdir of its own; a row found twice is an error.)
 The sweep ran with `:holdout` (every choice read the last 10,000 training images); this
 is the only place its artifacts meet the test split. One row per (method, bits, requant,
 seed): `student_int_top1` (test), `heldout_int_top1`, `heldout_fakequant_top1`, `wall_s`
-(the method's training and export, the shared teachers not included), `commit` (the code
-that finished it). Prints the markdown table, then the JSON result as the last line.
+(the seconds of the method's own stages and export in the sub-job's ledger; the shared
+teachers are rows of their own), `commit` (the code that finished it). Prints the markdown table, then the JSON result as the last line.
 """
 
 from __future__ import annotations
@@ -35,17 +35,34 @@ TEACHERS = ("teacher", "qat_teacher")
 
 def artifact_dir(sweep: str, row: dict) -> str:
     """Where the sweep exported the row's student."""
-    sub = os.path.join(sweep, f"w{row['w_bits']}a{row['a_bits']}_{row['requant']}_s{row['seed']}")
+    sub = sub_job(sweep, row)
     return os.path.join(sub, "export") if row["method"] == "ptl" else os.path.join(sub, "baselines", row["method"],
                                                                                   "export")
+
+
+def sub_job(sweep: str, row: dict) -> str:
+    return os.path.join(sweep, f"w{row['w_bits']}a{row['a_bits']}_{row['requant']}_s{row['seed']}")
+
+
+def wall_seconds(ledger: dict, method: str) -> float | None:
+    """Seconds of the method's own ledger records (its stages and its export), summed: a
+    sweep interrupted and resumed inside a method still counts all of its work (the
+    shared teachers and the teacher cache are not counted)."""
+    if method in TEACHERS:
+        rec = ledger.get("teacher" if method == "teacher" else "qat", {})
+        return rec.get("seconds")
+    stages, export = ("ptl/", "export") if method == "ptl" else (f"baselines/{method}/", f"export/{method}")
+    parts = [v["seconds"] for k, v in ledger.items() if (k.startswith(stages) or k == export) and "seconds" in v]
+    return round(sum(parts), 1) if parts else None
 
 
 def table_rows(sweep: str, images, labels, log=print) -> list[dict]:
     rows = json.load(open(os.path.join(sweep, "sweep", "results.json")))
     out = []
     for r in rows:
+        ledger = json.load(open(os.path.join(sub_job(sweep, r), "phases.json")))
         row = dict(method=r["method"], requant=r["requant"], bits=f"w{r['w_bits']}a{r['a_bits']}",
-                   w_bits=r["w_bits"], a_bits=r["a_bits"], seed=r["seed"], wall_s=r.get("seconds"),
+                   w_bits=r["w_bits"], a_bits=r["a_bits"], seed=r["seed"], wall_s=wall_seconds(ledger, r["method"]),
                    commit=r.get("commit"))
         if r["method"] in TEACHERS:
             row.update(heldout_top1=r["top1"])

@@ -86,6 +86,10 @@ def deep_table_reads_every_student(sweep: Path, top1: dict) -> None:
     assert {r["method"]: r.get("student_int_top1", r.get("heldout_top1")) for r in rows} == top1
     assert all(r["n_test"] == 256 for r in rows if r["method"] not in deep_plain_table.TEACHERS)
     assert "| no_comp | layer |" in deep_plain_table.markdown(rows)
+    ledger = json.loads((sweep / "w4a4_layer_s0" / "phases.json").read_text())
+    ptl = next(r for r in rows if r["method"] == "ptl")
+    own = [v["seconds"] for k, v in ledger.items() if k.startswith("ptl/") or k == "export"]
+    assert len(own) >= 4 and ptl["wall_s"] == round(sum(own), 1)  # every PTL stage and the export, resumed or not
 
 
 def independent_top1(sub: Path, baselines) -> dict:
