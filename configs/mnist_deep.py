@@ -1,11 +1,13 @@
 """The deep plain network (`vgg_plain`: 12 3×3 convs + 2 dense, no residuals) on the
-embedded MNIST, where BN-free end-to-end training loses BN's stability (docs/results.md,
-"Where BatchNorm matters", when measured). Measured so far: the float BN teacher, 1,200
-steps at batch 128, seed 0, `holdout`: 99.50 % on the held-out 10,000 images, in 2,459 s
-(0.49 step/s with the two cores shared by a calibration sweep, the test suite and another
-job; commit 6a3846d). The other budgets are still a guess: at that rate the whole job
-(QAT 600, PTL 14 x (60 + 150) + 600 steps at half the batch) is about two hours here,
-not the one hour aimed at, and the BN-free scratch baseline has not been run.
+embedded MNIST, where BN-free end-to-end training loses to BN (docs/results.md, "Where
+BatchNorm matters"). Measured (seed 0, `holdout`, the 2 cores shared by 2–4 jobs, so
+these are upper bounds): float BN teacher 1,200 steps 2,442 s (99.50 % held-out), W4A4
+QAT 600 steps ~660 s (99.41 %), PTL 1,844 s (60 + 14 × 150 + 600 steps at batch 64),
+export and verification 106 s: one job about 85 minutes under that load; at the quiet
+rates seen (QAT 1.1 step/s) an estimated ~45 minutes (not measured quiet). The budgets are the
+alexnet_mini ones scaled to the depth: 12 convs because the BN-free penalty in float
+training from scratch grows with depth (0.07 points at 3 convs, 0.25 at 6, 0.44 at 12,
+n = 3 each; bench/bn_free_scratch.py).
 
 Arguments as configs/mnist_alexnet.py (`quick`, `wXaY`, `channel`) plus `holdout` (train on
 the first 50,000 images and evaluate on the last 10,000, for choices); `bnfree sweep` with

@@ -41,7 +41,8 @@ def test_readings_quote_the_tables_mean_and_std():
     head3 = {tuple(f"{x:.2f}" for x in mean_std(v)) for v in ([98.70, 98.57, 98.88], [99.35, 99.23, 99.29])}
     quoted = MEAN_STD.findall(RESULTS_MD.read_text())
     assert len(quoted) > len(cells)  # the readings quote some
-    assert [q for q in quoted if q not in cells | head3 | _precision_cells() | _calibration_cells()] == []
+    deep = set(MEAN_STD.findall(_deep_markdown())) | _bn_free_cells()
+    assert [q for q in quoted if q not in cells | head3 | _precision_cells() | _calibration_cells() | deep] == []
 
 
 def _precision_cells() -> set:
@@ -97,3 +98,46 @@ def test_calibration_section_quotes_its_rows():
     quoted = MEAN_STD.findall(section)
     assert len(quoted) >= 144 + 18  # the table's cells and the low-bit rows
     assert [q for q in quoted if q not in _calibration_cells()] == []
+
+
+def _deep_rows() -> list[dict]:
+    return json.loads((ROOT / "docs" / "results" / "deep_plain.json").read_text())["rows"]
+
+
+def _deep_markdown() -> str:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import deep_plain_table
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return deep_plain_table.markdown(_deep_rows())
+
+
+def _bn_free_cells() -> set:
+    """'mean ± std' of each (convs, BN) of docs/results/bn_free_scratch.json, recomputed in %
+    from its per-seed runs."""
+    runs = json.loads((ROOT / "docs" / "results" / "bn_free_scratch.json").read_text())["runs"]
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["convs"], r["bn"]), []).append(100 * r["top1"])
+    return {tuple(f"{x:.2f}" for x in mean_std(v)) for v in groups.values()}
+
+
+def test_deep_section_is_rendered_from_its_rows():
+    """The deep plain network's comparison table is bench/deep_plain_table.py's rendering of
+    the committed rows (test-split figures of integer artifacts, one row per method, bits,
+    seed), and every 'mean ± std' of the section is recomputable from those rows or from
+    the from-scratch runs."""
+    text = RESULTS_MD.read_text()
+    section = text[text.index("## Where BatchNorm matters: the deep plain network"):]
+    rows = _deep_rows()
+    keys = [(r["method"], r["bits"], r["requant"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert all(0.0 < r["student_int_top1"] <= 1.0 and r["n_test"] == 10000 for r in rows if "student_int_top1" in r)
+    assert _deep_markdown().strip() in section
+    cells = set(MEAN_STD.findall(_deep_markdown())) | _bn_free_cells()
+    quoted = MEAN_STD.findall(section)
+    assert len(quoted) >= 6
+    assert [q for q in quoted if q not in cells] == []
