@@ -65,3 +65,20 @@ def test_the_ledger_records_the_code_of_each_phase_and_keeps_a_copied_ones(tmp_p
     saved = json.loads((tmp_path / "phases.json").read_text())
     assert saved["teacher"]["code"] == code_revision() and saved["teacher"]["top1"] == 0.9
     assert saved["qat"]["code"] == {"commit": "abc", "dirty": False}
+
+
+def test_a_shared_teacher_keeps_its_own_code_or_none(tmp_path):
+    """The sweep's copied float teacher names the code that trained it, not the copier's;
+    one from before code was recorded names none."""
+    from bnfree_jax.pipeline.sweep import _share_teacher
+
+    for i, code in enumerate(({"commit": "abc", "dirty": False}, None)):
+        src, dst = tmp_path / f"src{i}", tmp_path / f"dst{i}"
+        (src / "teacher" / "variables").mkdir(parents=True)
+        (src / "teacher" / "variables" / "x").write_text("v")
+        data = {"teacher": {"done": True, "top1": 0.9, **({"code": code} if code else {})}}
+        (src / "phases.json").write_text(json.dumps(data))
+        _share_teacher(src, dst)
+        rec = json.loads((dst / "phases.json").read_text())["teacher"]
+        assert rec["code"] == code and rec["top1"] == 0.9
+        assert (dst / "teacher" / "variables" / "x").read_text() == "v"

@@ -38,7 +38,8 @@ def _share_teacher(src: Path, dst: Path) -> None:
     if (dst / "teacher" / "variables").exists():
         return
     copy_tree(src / "teacher" / "variables", dst / "teacher" / "variables")
-    Ledger(dst).mark_done("teacher", **{k: v for k, v in Ledger(src).get("teacher").items() if k != "done"})
+    record = {"code": None, **Ledger(src).get("teacher")}  # a teacher from before code was recorded: unknown
+    Ledger(dst).mark_done("teacher", **{k: v for k, v in record.items() if k != "done"})
 
 
 def run_sweep(config, workdir: Path, log=print) -> list[dict]:
