@@ -30,7 +30,7 @@ class Stage:
     def block_first(self) -> int:
         """Where the stage's layer-wise target path starts: `first` for a block, else ℓ (a
         head's layer MSE is on S_L alone; its layers learn end to end from the task loss)."""
-        return self.first if self.block and self.first else self.layer
+        return self.first if self.block else self.layer
 
     @property
     def layer_name(self) -> str:
@@ -98,12 +98,11 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
                 labels[s_groups[i]], labels[t_groups[i]] = own, replaced
             else:
                 labels[s_groups[i]], labels[t_groups[i]] = UNUSED, downstream
-        if l == first:
-            plan.append(Stage(f"stage{l}_{layer_names[l - 1]}", "tandem", l, labels, ptl_cfg.stage_steps, losses,
-                              own_activation=own_act and l < L))  # S_L makes the logits: nothing downstream
-        else:  # a block: its layers' budgets together, one stage
-            plan.append(Stage(f"stage{first}_{layer_names[first - 1]}-{layer_names[l - 1]}", "tandem", l, labels,
-                              (l - first + 1) * ptl_cfg.stage_steps, losses, first=first, block=True))
+        is_block = l > first  # a block: its layers' budgets together, one stage
+        name = f"stage{first}_{layer_names[first - 1]}" + (f"-{layer_names[l - 1]}" if is_block else "")
+        plan.append(Stage(name, "tandem", l, labels, (l - first + 1) * ptl_cfg.stage_steps, losses,
+                          first=first if is_block else 0, block=is_block,
+                          own_activation=own_act and l < L))  # S_L makes the logits: nothing downstream
     if head > 1:  # the last `head` layers converted together, trained end to end, same budget
         first = L - head + 1
         labels = {}

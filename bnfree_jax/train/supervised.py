@@ -57,8 +57,8 @@ def train_bn_network(phase: str, net, variables, steps: int, batch: int, optim_c
     batches = feed.train_batches(batch, stream_seed(seed, f"{phase}/data"), rt.mesh)
     state, _ = train_phase(phase, ckpt_dir, state, {}, classification_loss(net), tx, batches, steps, rt,
                            lr=make_schedule(optim_cfg, steps))
-    out = {"params": jax.device_get(state.params), **jax.device_get(state.model_state)}
+    model_state = jax.device_get(state.model_state)
+    out = {"params": jax.device_get(state.params), **model_state}
     apply_fn = lambda p, ms, fr, x: net.apply({"params": p, **ms}, x, train=False)
-    top1 = evaluate_top1(apply_fn, out["params"], {k: v for k, v in out.items() if k != "params"}, {}, feed,
-                         rt.mesh)
+    top1 = evaluate_top1(apply_fn, out["params"], model_state, {}, feed, rt.mesh)
     return out, top1
