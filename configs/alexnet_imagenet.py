@@ -66,7 +66,8 @@ def get_config(arg: str = ""):
     )
     c.checkpoint = dict(save_every=2000, keep=3, log_every=100,  # log_every: metrics fetched and written
                          grad_diagnostics=True)  # gradient norms, clip fractions, STE cosine per log step
-    c.mesh = dict(compute_dtype="bfloat16", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
+    c.mesh = dict(compute_dtype="bfloat16", platform="auto",  # "tpu"/"gpu": refuse a CPU-only JAX
+                  cpu_devices=0)  # N > 0: split a CPU host into N devices (docs/scale-out.md)
 
     for a in args:
         if a.startswith("w") and "a" in a:

@@ -54,7 +54,8 @@ def get_config(arg: str = ""):
     )
     c.checkpoint = dict(save_every=200, keep=3, log_every=50,  # log_every: metrics fetched and written
                          grad_diagnostics=True)  # gradient norms, clip fractions, STE cosine per log step
-    c.mesh = dict(compute_dtype="float32", platform="auto")  # "tpu"/"gpu": refuse a CPU-only JAX
+    c.mesh = dict(compute_dtype="float32", platform="auto",  # "tpu"/"gpu": refuse a CPU-only JAX
+                  cpu_devices=0)  # N > 0: split a CPU host into N devices (docs/scale-out.md)
 
     for a in args:
         if a.startswith("w") and "a" in a and a != "quick":

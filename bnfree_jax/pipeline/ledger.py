@@ -1,5 +1,5 @@
 """A job's ledger (`phases.json`): which phases finished, with their metrics, wall
-seconds and the code that made them, so a rerun skips them. Process 0 writes it, atomically."""
+seconds and the code and devices that made them, so a rerun skips them. Process 0 writes it, atomically."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from bnfree_jax.pipeline.errors import raise_if_stopped
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
-from bnfree_jax.pipeline.provenance import code_revision
+from bnfree_jax.pipeline.provenance import code_revision, device_layout
 from bnfree_jax.data.storage import Path, as_path
 
 REMEDY = "restore it, or rerun with --force to start the job over"
@@ -28,10 +28,10 @@ class Ledger:
         return self.data.get(phase)
 
     def mark_done(self, phase: str, **record) -> None:
-        """Record a finished phase (`code`: the revision that finished it, unless the record
-        carries one, as a copied teacher's does); a stop signal that arrived during it ends
-        the job here."""
-        self.data[phase] = {"done": True, "code": code_revision(), **record}
+        """Record a finished phase (`code` and `layout`: the revision and devices that
+        finished it, unless the record carries them, as a copied teacher's does); a stop
+        signal that arrived during it ends the job here."""
+        self.data[phase] = {"done": True, "code": code_revision(), "layout": device_layout(), **record}
         self._write()
         raise_if_stopped()
 

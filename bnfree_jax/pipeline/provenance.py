@@ -1,6 +1,7 @@
-"""Which code made a result: the git commit of the checkout the package runs from (and
-whether tracked files had uncommitted changes), else the installed package's version.
-Every finished phase records it in the ledger, so a table row can name its commit."""
+"""Which code made a result, and on which devices: the git commit of the checkout the
+package runs from (and whether tracked files had uncommitted changes), else the installed
+package's version; and the device layout, which changes float summation order. Every
+finished phase records both in the ledger, so a table row can name its commit and layout."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def code_revision() -> dict:
     except metadata.PackageNotFoundError:
         version = None
     return {"commit": None, "version": version}
+
+
+def device_layout() -> dict:
+    """{"platform", "devices", "processes"} of the running JAX: the data-parallel layout a
+    phase trained on (the same job on another layout agrees up to float summation order)."""
+    import jax
+
+    return {"platform": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count()}

@@ -38,7 +38,8 @@ def _share_teacher(src: Path, dst: Path) -> None:
     if (dst / "teacher" / "variables").exists():
         return
     copy_tree(src / "teacher" / "variables", dst / "teacher" / "variables")
-    record = {"code": None, **Ledger(src).get("teacher")}  # a teacher from before code was recorded: unknown
+    # a teacher from before code and layout were recorded: unknown
+    record = {"code": None, "layout": None, **Ledger(src).get("teacher")}
     Ledger(dst).mark_done("teacher", **{k: v for k, v in record.items() if k != "done"})
 
 
@@ -64,12 +65,14 @@ def run_sweep(config, workdir: Path, log=print) -> list[dict]:
                 key = lambda m: (m, c.model.w_bits, c.model.a_bits, requant, seed)
 
                 def add(method, record, top1="top1", seconds=None):
-                    """The row of `method` from its ledger `record` (its commit: the code that finished it)."""
+                    """The row of `method` from its ledger `record` (its commit and devices: the code and
+                    layout that finished it)."""
                     if key(method) in done:
                         return
                     rows.append(dict(zip(("method", "w_bits", "a_bits", "requant", "seed"), key(method)),
                                      top1=record[top1], fakequant_top1=record.get("student_fakequant_top1"),
-                                     seconds=seconds, commit=record.get("code", {}).get("commit")))
+                                     seconds=seconds, commit=(record.get("code") or {}).get("commit"),
+                                     devices=(record.get("layout") or {}).get("devices")))
                     done.add(key(method))
                     write_json(path, rows, indent=1)  # a crash mid-write must not lose the rows
 

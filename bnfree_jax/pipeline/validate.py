@@ -16,14 +16,15 @@ from typing import Any, Callable, Optional
 import ml_collections
 
 from bnfree_jax import quant
-from bnfree_jax.config_io import ADDED, ConfigError, _first_line, flatten, import_plugins, is_retired, load_config
+from bnfree_jax.config_io import (ADDED, ConfigError, _first_line, flatten, import_plugins, is_retired, load_config,
+                                 setting)
 from bnfree_jax.data.augment import AUGMENTS
 from bnfree_jax.data.info import SPLITS, dataset_info
 from bnfree_jax.distill.baselines import BASELINES
 from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE
 from bnfree_jax.nn.weights import channel_axis
 from bnfree_jax.nn.zoo import MAX_BITS, MODELS, get_layer_specs, parse_layer_rules
-from bnfree_jax.train.mesh import PLATFORMS
+from bnfree_jax.train.mesh import PLATFORMS, use_cpu_devices
 
 Check = Callable[[Any], Optional[str]]  # None when the value is allowed, else what is wrong with it
 
@@ -201,7 +202,7 @@ _SECTIONS = {
             "block_layers": integer(1), "train_own_activation": boolean,
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
     "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS, "grad_diagnostics": boolean},
-    "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS)},
+    "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS), "cpu_devices": COUNT},
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
               "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
               "binary_qat_lr": POSITIVE},
@@ -218,7 +219,7 @@ OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platf
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
             "model.layers", "model.layer_table", "ptl.train_own_activation", "checkpoint.grad_diagnostics",
-            "ptl.block_layers"} | {
+            "ptl.block_layers", "mesh.cpu_devices"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
@@ -428,8 +429,15 @@ def _loss_rules(good: dict) -> list[str]:
 
 def load_valid_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     """`config_io.load_config`, then every value checked: nothing is run or written for a
-    config that would be refused."""
+    config that would be refused.  A valid `mesh.cpu_devices` is applied first: JAX fixes
+    the device count at its first operation, and the quantizer probes are JAX operations."""
     config = load_config(spec, overrides)
+    n = setting(config, "mesh.cpu_devices")
+    if not SCHEMA["mesh.cpu_devices"](n):  # a bad value is reported with every other below
+        try:
+            use_cpu_devices(n)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     record_plugins(config)
     validate_config(config)
     return config
