@@ -38,6 +38,7 @@ def get_config(arg: str = ""):
     c.sweep = ml_collections.ConfigDict(dict(
         bits=["w4a4", "w2a2"], requant=["layer"], seeds=[0, 1, 2],
         baselines=["fold", "fold_qat", "scratch", "no_local", "no_comp"],
+        ptl="first",  # PTL's row before the baselines' ("last", or "skip" for baselines only)
         binary_qat_steps=c.qat.steps, binary_qat_lr=c.qat.optim.lr))
     for a in own:
         if a == "holdout":

@@ -23,6 +23,7 @@ def get_config(arg: str = ""):
     c.sweep = ml_collections.ConfigDict(dict(
         bits=["w8a8", "w4a4", "w2a2", "w1a1"], requant=["layer", "channel"], seeds=[0, 1, 2],
         baselines=["fold", "fold_qat", "scratch", "no_local", "no_comp"],
+        ptl="first",  # PTL's row before the baselines' ("last", or "skip" for baselines only)
         binary_qat_steps=1500, binary_qat_lr=3e-3))
     for a in args:
         if a == "quick":

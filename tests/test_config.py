@@ -93,7 +93,7 @@ BAD = [
     # the sweep block
     ("sweep.bits", ["w9a4"]), ("sweep.bits", ["w4"]), ("sweep.bits", ["w0a4"]), ("sweep.bits", []),
     ("sweep.bits", "w4a4"), ("sweep.requant", ["rows"]), ("sweep.seeds", [0, -1]), ("sweep.seeds", [0.5]),
-    ("sweep.baselines", ["magic"]), ("sweep.binary_qat_steps", 0), ("sweep.binary_qat_lr", -1.0),
+    ("sweep.baselines", ["magic"]), ("sweep.ptl", "middle"), ("sweep.binary_qat_steps", 0), ("sweep.binary_qat_lr", -1.0),
 ]
 
 

@@ -43,6 +43,69 @@ def test_results_table_mean_and_std():
     assert table.count("| fold | channel |") == 1  # untimed: no row in the wall-seconds grid
 
 
+
+def stub_sweep(tmp_path, monkeypatch, records: dict, **sweep_keys):
+    """run_sweep over one sub-job (W4A4, seed 0) of configs/mnist_deep.py whose phases are
+    stubbed: each phase's ledger `records` are what its rows are made of. Returns (rows,
+    the students trained, in order)."""
+    import types
+
+    from bnfree_jax.pipeline import sweep
+
+    config = load_config("configs/mnist_deep.py:quick")
+    config.sweep.bits, config.sweep.seeds = ["w4a4"], [0]
+    for k, v in sweep_keys.items():
+        config.sweep[k] = v
+    sub = tmp_path / "w4a4_layer_s0"
+    sub.mkdir()
+    (sub / "phases.json").write_text(json.dumps({k: {"done": True, **v} for k, v in records.items()}))
+    trained = []
+    monkeypatch.setattr(sweep, "make_context", lambda c, d, log: types.SimpleNamespace())
+    monkeypatch.setattr(sweep, "pin_config", lambda c, d: None)
+    monkeypatch.setattr(sweep, "run_teacher_phases", lambda ctx, ledger, qat: (None, None))
+    monkeypatch.setattr(sweep, "run_distill", lambda ctx, ledger: trained.append("ptl"))
+    monkeypatch.setattr(sweep, "baseline_student", lambda ctx, ledger, qat, name: trained.append(name))
+
+    def export(ctx, ledger, key="export", **kw):  # what a finished export records; a done one is kept
+        if not ledger.done(key):
+            ledger.mark_done(key, student_int_top1=len(trained) / 10)
+
+    monkeypatch.setattr(sweep, "export_student", export)
+    return sweep.run_sweep(config, tmp_path, log=lambda m: None), trained
+
+
+LAYOUT = {"platform": "cpu", "devices": 8, "processes": 1}
+
+
+def _student(top1, commit):
+    return {"student_int_top1": top1, "code": {"commit": commit, "dirty": False}, "layout": LAYOUT}
+
+
+def test_a_sweep_row_names_the_commit_and_devices_and_survives_an_unknown_teacher(tmp_path, monkeypatch):
+    """A sub-job whose shared teacher predates code recording (its record's code is None)
+    still gives its rows; each row carries the commit and the device count of its phase."""
+    rows, trained = stub_sweep(tmp_path, monkeypatch, {
+        "teacher": {"top1": 0.99, "code": None, "layout": None},
+        "qat": {"top1": 0.98, "code": {"commit": "q", "dirty": False}, "layout": LAYOUT},
+        "export": _student(0.97, "p"), "export/fold": _student(0.5, "f")}, baselines=["fold"])
+    got = {r["method"]: (r["top1"], r["commit"], r["devices"]) for r in rows}
+    assert got == {"teacher": (0.99, None, None), "qat_teacher": (0.98, "q", 8), "ptl": (0.97, "p", 8),
+                   "fold": (0.5, "f", 8)}
+    assert trained == ["ptl"]  # the stubbed distill always runs (it skips finished stages itself)
+
+
+@pytest.mark.parametrize("where, order", [("first", ["ptl", "fold_qat", "scratch"]),
+                                          ("last", ["fold_qat", "scratch", "ptl"]),
+                                          ("skip", ["fold_qat", "scratch"])])
+def test_sweep_ptl_places_or_skips_the_ptl_student(tmp_path, monkeypatch, where, order):
+    teachers = {"teacher": {"top1": 0.99}, "qat": {"top1": 0.98}}
+    rows, trained = stub_sweep(tmp_path, monkeypatch, teachers, baselines=["fold_qat", "scratch"], ptl=where)
+    assert trained == order
+    students = [r for r in rows if r["method"] not in ("teacher", "qat_teacher")]
+    assert [r["method"] for r in students] == order  # rows in training order, each with its own export
+    assert [r["top1"] for r in students] == [(i + 1) / 10 for i in range(len(order))]
+
+
 @pytest.mark.slow
 def test_tiny_sweep_has_a_row_per_method(tmp_path):
     args = ["sweep", "--config", "configs/mnist_sweep.py:quick,layer", "--workdir", str(tmp_path / "sw"),

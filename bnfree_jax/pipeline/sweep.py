@@ -1,7 +1,8 @@
 """`bnfree sweep`: PTL and every baseline over bit widths × requant settings × seeds.
 
 One sub-job per (bits, requant, seed) in DIR/<wXaY>_<requant>_s<seed>, each an ordinary
-resumable job; the float teacher of a seed is trained once and shared. Rows accumulate in
+resumable job; the float teacher of a seed is trained once and shared; PTL's student
+trains before the baselines', after them or not at all (`sweep.ptl`). Rows accumulate in
 DIR/sweep/results.json (a rerun skips finished rows); DIR/sweep/table.md is the table.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 
+from bnfree_jax.config_io import setting
 from bnfree_jax.pipeline.context import make_context
 from bnfree_jax.pipeline.distill_phase import baseline_student, run_distill
 from bnfree_jax.pipeline.export_phase import export_student
@@ -41,6 +43,13 @@ def _share_teacher(src: Path, dst: Path) -> None:
     # a teacher from before code and layout were recorded: unknown
     record = {"code": None, "layout": None, **Ledger(src).get("teacher")}
     Ledger(dst).mark_done("teacher", **{k: v for k, v in record.items() if k != "done"})
+
+
+def _methods(config) -> list[str]:
+    """The students of each sub-job in the order they train: `sweep.ptl` puts PTL first
+    (the default), last (the baselines' rows come in first) or nowhere."""
+    where, baselines = setting(config, "sweep.ptl"), list(config.sweep.baselines)
+    return {"first": ["ptl", *baselines], "last": [*baselines, "ptl"], "skip": baselines}[where]
 
 
 def run_sweep(config, workdir: Path, log=print) -> list[dict]:
@@ -81,15 +90,18 @@ def run_sweep(config, workdir: Path, log=print) -> list[dict]:
                 first.setdefault(seed, sub)
                 add("teacher", ledger.get("teacher"))
                 add("qat_teacher", ledger.get("qat"))
-                run_distill(ctx, ledger)
-                export_student(ctx, ledger)
-                add("ptl", ledger.get("export"), "student_int_top1", round(time.time() - t0, 1))
-                for name in config.sweep.baselines:
+                for name in _methods(config):
+                    if name == "ptl":
+                        run_distill(ctx, ledger)
+                        export_student(ctx, ledger)
+                        add("ptl", ledger.get("export"), "student_int_top1", round(time.time() - t0, 1))
+                    else:
+                        k = f"export/{name}"
+                        if not ledger.done(k):
+                            params = baseline_student(ctx, ledger, qat_vars, name)
+                            export_student(ctx, ledger, params=params, out_dir=sub / "baselines" / name / "export",
+                                           key=k)
+                        add(name, ledger.get(k), "student_int_top1", round(time.time() - t0, 1))
                     t0 = time.time()
-                    k = f"export/{name}"
-                    if not ledger.done(k):
-                        params = baseline_student(ctx, ledger, qat_vars, name)
-                        export_student(ctx, ledger, params=params, out_dir=sub / "baselines" / name / "export", key=k)
-                    add(name, ledger.get(k), "student_int_top1", round(time.time() - t0, 1))
     (out / "table.md").write_text(results_table(rows))
     return rows

@@ -204,7 +204,8 @@ _SECTIONS = {
     "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS, "grad_diagnostics": boolean},
     "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS), "cpu_devices": COUNT},
     "sweep": {"bits": each(bits_name), "requant": each(one_of(REQUANTS)), "seeds": each(COUNT),
-              "baselines": each(one_of(BASELINES), nonempty=False), "binary_qat_steps": STEPS,
+              "baselines": each(one_of(BASELINES), nonempty=False), "ptl": one_of(("first", "last", "skip")),
+              "binary_qat_steps": STEPS,
               "binary_qat_lr": POSITIVE},
     "ptq_sweep": {"methods": each(one_of(quant.METHODS)), "percentiles": each(percent),
                   "bits": each(bits_name), "images": each(integer(1)), "requant": each(one_of(REQUANTS)),
@@ -219,7 +220,7 @@ OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platf
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
             "model.layers", "model.layer_table", "ptl.train_own_activation", "checkpoint.grad_diagnostics",
-            "ptl.block_layers", "mesh.cpu_devices"} | {
+            "ptl.block_layers", "mesh.cpu_devices", "sweep.ptl"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
