@@ -24,10 +24,12 @@ _INSTALL_HINT = {"tpu": "install the TPU build with `bash launch/setup.sh --acce
 
 
 def use_cpu_devices(n: int) -> None:
-    """Split this host's CPU into ``n`` JAX devices (0: leave JAX's default, one).
+    """Split this host's CPU into ``n`` JAX devices (0: leave JAX's default, one unless
+    XLA_FLAGS asks for more).
 
     XLA's CPU convolutions run faster on small batches, so the same global batch split
-    over several CPU devices trains ~3× faster on a 2-core host (bench/scaling_cpu.py);
+    over 8 CPU devices trains 1.7× (alexnet_mini) to 2.5× (vgg_plain) faster on a 2-core
+    host (bench/scaling_cpu.py);
     the mathematics is the data-parallel step's, equal up to float summation order.
     JAX fixes the device count when its backends start, so this must run before any
     JAX operation; no effect on GPU or TPU devices."""
