@@ -6,10 +6,10 @@ QAT 600 steps ~660 s (99.41 %), PTL 1,844 s (60 + 14 × 150 + 600 steps at batch
 export and verification 106 s: one job about 85 minutes under that load; at the quiet
 rates seen (QAT 1.1 step/s) an estimated ~45 minutes (not measured quiet). Those were
 an Intel Xeon host's; on an AMD EPYC 2-core host (2026-12-02) the one-device teacher
-step took 3.75 s even quiet, twice the loaded Xeon's. On a CPU host add
+step took 3.75 s even quiet, 1.8× the loaded Xeon's 2.04 s. On a CPU host add
 `mesh.cpu_devices=8`: the teacher step then runs 2.5× faster (bench/scaling_cpu.py
---model vgg_plain; docs/scale-out.md). The budgets are the alexnet_mini ones scaled to the depth: 12 convs because the BN-free penalty in float
-training from scratch grows with depth (0.07 points at 3 convs, 0.25 at 6, 0.44 at 12,
+--model vgg_plain; docs/scale-out.md). The budgets are the alexnet_mini ones scaled to
+the depth: 12 convs because the BN-free penalty in float training from scratch grows with depth (0.07 points at 3 convs, 0.25 at 6, 0.44 at 12,
 n = 3 each; bench/bn_free_scratch.py).
 
 Arguments as configs/mnist_alexnet.py (`quick`, `wXaY`, `channel`) plus `holdout` (train on
