@@ -9,8 +9,9 @@ an Intel Xeon host's; on an AMD EPYC 2-core host (2026-12-02) the one-device tea
 step took 3.75 s even quiet, 1.8× the loaded Xeon's 2.04 s. On a CPU host add
 `mesh.cpu_devices=8`: the teacher step then runs 2.5× faster (bench/scaling_cpu.py
 --model vgg_plain; docs/scale-out.md). The budgets are the alexnet_mini ones scaled to
-the depth: 12 convs because the BN-free penalty in float training from scratch grows with depth (0.07 points at 3 convs, 0.25 at 6, 0.44 at 12,
-n = 3 each; bench/bn_free_scratch.py).
+the depth: 12 convs because the BN-free penalty in float training from scratch grows
+with depth (0.07 points at 3 convs, 0.25 at 6, 0.44 at 12, n = 3 each;
+bench/bn_free_scratch.py).
 
 Arguments as configs/mnist_alexnet.py (`quick`, `wXaY`, `channel`) plus `holdout` (train on
 the first 50,000 images and evaluate on the last 10,000, for choices); `bnfree sweep` with
