@@ -2,7 +2,8 @@
 
 Reads only `manifest.json` + `model.safetensors` (docs/artifact-format.md) and emits
 uint8 NHWC images -> int32 logits with integer ops alone: ConvInteger / MatMulInteger
-(int8/uint8 operands, int32 accumulators), int32 bias Add, and the dyadic requantisation
+(uint8 × uint8 with a weight zero point, or int8 × int8 after a sign layer; int32
+accumulators), int32 bias Add, and the dyadic requantisation
 `floor((acc*M + R) / 2^s)` in int64. ONNX integer Div truncates toward zero, so the floor
 is taken exactly as `(v - Mod(v, 2^s)) / 2^s` (Mod with fmod=0 has the divisor's sign, so
 `v - Mod(v, d)` is a multiple of d and the Div is exact). Hidden activations are uint8
@@ -117,14 +118,27 @@ def _pool_int32(g: _Graph, acc: str, k: int, shape_hw) -> str:
     return g.op("ReduceMax", [x], axes=[3, 5], keepdims=0)
 
 
-def _layer(g: _Graph, entry: dict, tensors: dict, x: str, layout: str, first: bool, pad_value):
-    """One artifact layer on `x` -> (output tensor name, its layout)."""
+def _weight_inputs(g: _Graph, w: np.ndarray, signed_input: bool) -> list[str]:
+    """The weight operands of ConvInteger / MatMulInteger after the input. Against uint8
+    inputs the int8 codes go as uint8 `w + 128` with zero point 128 (u8u8, exact): x86
+    onnxruntime computes u8 × s8 with VPMADDUBSW, whose int16 pair sums saturate on CPUs
+    without VNNI (its documented caveat; 255 · 127 · 2 > 2^15 - 1), so u8s8 logits there are
+    wrong. Against int8 +-1 inputs (after a sign layer) they stay int8 (s8s8)."""
+    if signed_input:
+        return [g.const(w, np.int8, "w")]
+    return [g.const(w.astype(np.int16) + 128, np.uint8, "w"), "", g.const(128, np.uint8, "w_zero_point")]
+
+
+def _layer(g: _Graph, entry: dict, tensors: dict, x: str, layout: str, first: bool, pad_value,
+           signed_input: bool):
+    """One artifact layer on `x` (int8 when `signed_input`, else uint8) -> (output tensor
+    name, its layout)."""
     tp = g.onnx.TensorProto
     keys = entry["tensors"]
     w = unpack_codes(tensors[keys["weight"]], entry["w_bits"], entry["weight_shape"]).astype(np.int8)
     conv = entry["kind"] == "conv"
     if conv:
-        wname = g.const(np.transpose(w, (3, 2, 0, 1)), np.int8, "w")  # HWIO -> OIHW
+        weights = _weight_inputs(g, np.transpose(w, (3, 2, 0, 1)), signed_input)  # HWIO -> OIHW
         if first:
             x = _pad_first(g, x, entry["padding"], pad_value)
             pads = [0, 0, 0, 0]
@@ -132,13 +146,13 @@ def _layer(g: _Graph, entry: dict, tensors: dict, x: str, layout: str, first: bo
             (pt, pb), (pl, pr) = entry["padding"]
             pads = [pt, pl, pb, pr]  # zero padding: no zero point, so pads hold 0
         kh, kw = entry["weight_shape"][:2]
-        acc = g.op("ConvInteger", [x, wname], kernel_shape=[kh, kw],
+        acc = g.op("ConvInteger", [x, *weights], kernel_shape=[kh, kw],
                    strides=[entry["stride"]] * 2, pads=pads)
     else:
         if layout == "NCHW":  # artifact flattens NHWC row-major
             x = g.op("Transpose", [x], perm=[0, 2, 3, 1])
         x = g.op("Flatten", [x], axis=1)
-        acc = g.op("MatMulInteger", [x, g.const(w, np.int8, "w")])
+        acc = g.op("MatMulInteger", [x, *_weight_inputs(g, w, signed_input)])
     acc = g.op("Add", [acc, _per_channel(g, tensors[keys["bias"]], np.int32, conv, "bias")])
     pool = entry.get("pool")
     out = entry["output"]
@@ -180,8 +194,10 @@ def artifact_to_model(artifact_dir):
     x, layout = g.op("Transpose", ["images"], perm=[0, 3, 1, 2]), "NCHW"
     if manifest["layers"][0]["kind"] == "dense":
         x, layout = "images", "NHWC"
+    signed = False  # uint8 images, then each layer's output codes
     for i, entry in enumerate(manifest["layers"]):
-        x, layout = _layer(g, entry, tensors, x, layout, i == 0, pad_value)
+        x, layout = _layer(g, entry, tensors, x, layout, i == 0, pad_value, signed)
+        signed = entry["output"] == "sign"
     if layout == "NCHW":
         x = g.op("Transpose", [x], perm=[0, 2, 3, 1])
     g.nodes.append(onnx.helper.make_node("Identity", [x], ["logits"]))
