@@ -35,6 +35,15 @@ def test_too_late_is_a_clear_error_not_a_silent_default():
     assert "mesh.cpu_devices=3" in last and "already started with 1 CPU device" in last
 
 
+def test_a_started_jax_with_the_asked_count_is_accepted():
+    """XLA_FLAGS already gave JAX 3 CPU devices: asking for 3 after it started is no error."""
+    p = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1); " + LOAD.format(n=3)],
+                       cwd=ROOT, env={**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["3", "3"]
+
+
 def test_zero_leaves_jax_alone_and_a_negative_count_is_refused():
     use_cpu_devices(0)  # this process's backends have long started: 0 must not touch them
     with pytest.raises(ValueError, match="mesh.cpu_devices=-2"):

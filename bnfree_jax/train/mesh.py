@@ -40,9 +40,10 @@ def use_cpu_devices(n: int) -> None:
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:
-        raise ValueError(f"mesh.cpu_devices={n}: JAX's backends already started with "
-                         f"{len(jax.devices('cpu'))} CPU device(s); set it before any JAX operation "
-                         "(a fresh process)") from None
+        have = len(jax.devices("cpu"))
+        if have != n:  # started already, with the count asked for (e.g. by XLA_FLAGS): nothing to do
+            raise ValueError(f"mesh.cpu_devices={n}: JAX's backends already started with {have} CPU "
+                             "device(s); set it before any JAX operation (a fresh process)") from None
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
