@@ -139,7 +139,7 @@ def _optim(env, stage: Stage):
 def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, variant: str = "ptl",
              init: str = "fold", cache: Callable[[], Optional[TeacherCache]] = lambda: None) -> tuple[dict, list]:
     """Run a stage plan; returns (student params, per-stage records). `records` is the
-    job's ledger (done/get/mark_done), keyed `<variant>/<stage>`; `cache()` gives the
+    job's ledger (done/get/mark_done/clock), keyed `<variant>/<stage>`; `cache()` gives the
     teacher cache, asked for only when a stage still has to train."""
     student_net, teacher_net = env.nets.network(STUDENT), env.nets.network(TEACHER)
     trees = initial_trees(env, qat_vars, init)
@@ -158,18 +158,18 @@ def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, var
             continue
         if prev_state is None and k > 0 and plan[k - 1].steps > 0:
             prev_state = _final_state(env, plan[k - 1], trees, as_path(ckpt_dir) / plan[k - 1].name)
-        t0 = time.time()
-        trees, prev_state, extra = run_stage(
-            env, stage, trees, stage_loss(env, stage, student_net, teacher_net), _optim(env, stage),
-            as_path(ckpt_dir) / stage.name, prev=prev_state, cache=teacher_cache,
-            fit=_stage_fit(env, plan, k, student_net, teacher_net, probe))
-        metrics = stage_metrics(env, stage, trees, teacher_net, probe)
-        if stage.kind == "tandem":
-            extra["layer_mse_end"] = _own_layer_error(env, stage, trees, teacher_net, probe)
-        rec = {"order": k, "variant": variant, "name": stage.name, "kind": stage.kind, "steps": stage.steps,
-               "seconds": round(time.time() - t0, 2), "metrics": {**metrics, **extra}}
-        save_variables(saved_dir, {"S": trees.S, "T": trees.T})
-        records.mark_done(key, **rec)
+        with records.clock(key) as elapsed:
+            trees, prev_state, extra = run_stage(
+                env, stage, trees, stage_loss(env, stage, student_net, teacher_net), _optim(env, stage),
+                as_path(ckpt_dir) / stage.name, prev=prev_state, cache=teacher_cache,
+                fit=_stage_fit(env, plan, k, student_net, teacher_net, probe))
+            metrics = stage_metrics(env, stage, trees, teacher_net, probe)
+            if stage.kind == "tandem":
+                extra["layer_mse_end"] = _own_layer_error(env, stage, trees, teacher_net, probe)
+            rec = {"order": k, "variant": variant, "name": stage.name, "kind": stage.kind, "steps": stage.steps,
+                   "seconds": elapsed(), "metrics": {**metrics, **extra}}
+            save_variables(saved_dir, {"S": trees.S, "T": trees.T})
+            records.mark_done(key, **rec)
         env.log(f"[{variant}] {stage.name}: tandem top-1 {metrics['tandem_top1']:.4f}")
         out.append(rec)
     return trees.S, out

@@ -3,8 +3,6 @@ fake-quant top-1; and the baselines of a sweep, sharing the job's teacher cache.
 
 from __future__ import annotations
 
-import time
-
 from bnfree_jax.distill.baselines import run_baseline
 from bnfree_jax.distill.ptl import plan_teacher_cache, ptl_plan, run_plan
 from bnfree_jax.nn.network import STUDENT
@@ -25,15 +23,16 @@ def teacher_cache(ctx, qat_vars):
 def run_distill(ctx, ledger):
     """Teachers, then PTL; returns (student params, per-stage records)."""
     _, qat_vars = run_teacher_phases(ctx, ledger, qat=True)
-    t0 = time.time()
-    student, records = run_plan(ctx.env, qat_vars, ptl_plan(ctx.env), records=ledger, out_dir=ctx.workdir / "ptl",
-                                ckpt_dir=ctx.workdir / "checkpoints" / "ptl", cache=teacher_cache(ctx, qat_vars))
-    if not ledger.done("student"):
-        net = ctx.nets.network(STUDENT)
-        top1 = evaluate_top1(lambda p, ms, fr, x: net.apply({"params": p}, x), student, {}, {}, ctx.feed,
-                             ctx.rt.mesh)
-        ledger.mark_done("student", top1=top1, seconds=round(time.time() - t0, 2))
-        ctx.log(f"[ptl] student (fake-quant) {ctx.eval_split} top-1 {top1:.4f}")
+    with ledger.clock("student") as elapsed:
+        student, records = run_plan(ctx.env, qat_vars, ptl_plan(ctx.env), records=ledger,
+                                    out_dir=ctx.workdir / "ptl", ckpt_dir=ctx.workdir / "checkpoints" / "ptl",
+                                    cache=teacher_cache(ctx, qat_vars))
+        if not ledger.done("student"):
+            net = ctx.nets.network(STUDENT)
+            top1 = evaluate_top1(lambda p, ms, fr, x: net.apply({"params": p}, x), student, {}, {}, ctx.feed,
+                                 ctx.rt.mesh)
+            ledger.mark_done("student", top1=top1, seconds=elapsed())
+            ctx.log(f"[ptl] student (fake-quant) {ctx.eval_split} top-1 {top1:.4f}")
     return student, records
 
 

@@ -3,7 +3,9 @@ seconds and the code and devices that made them, so a rerun skips them. Process 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 from bnfree_jax.pipeline.errors import raise_if_stopped
 from bnfree_jax.pipeline.jsonfile import read_json, write_json
@@ -32,8 +34,33 @@ class Ledger:
         finished it, unless the record carries them, as a copied teacher's does); a stop
         signal that arrived during it ends the job here."""
         self.data[phase] = {"done": True, "code": code_revision(), "layout": device_layout(), **record}
+        unfinished = self.data.get(self.UNFINISHED, {})
+        if unfinished.pop(phase, None) is not None and not unfinished:
+            del self.data[self.UNFINISHED]
         self._write()
         raise_if_stopped()
+
+    UNFINISHED = "unfinished_seconds"  # not a phase: {phase: seconds of its runs that were stopped}
+
+    @contextmanager
+    def clock(self, phase: str) -> Iterator[Callable[[], float]]:
+        """Yields `elapsed()`: the seconds spent on `phase` so far, this run's plus those
+        of earlier runs stopped before it finished, so a resumed phase records its whole
+        time. A run that ends by an exception before `mark_done(phase)` leaves its seconds
+        under UNFINISHED for the next run; a killed process (SIGKILL) loses them."""
+        before = self.data.get(self.UNFINISHED, {}).get(phase, 0.0)
+        t0 = time.time()
+
+        def elapsed() -> float:
+            return round(before + time.time() - t0, 2)
+
+        try:
+            yield elapsed
+        except BaseException:
+            if not self.done(phase):
+                self.data.setdefault(self.UNFINISHED, {})[phase] = elapsed()
+                self._write()
+            raise
 
     LAYERS = "layers"  # not a phase: the resolved per-layer table the job runs with
 

@@ -3,8 +3,6 @@ each skipped when the ledger says it is done; their variables live in the workdi
 
 from __future__ import annotations
 
-import time
-
 from bnfree_jax.nn.network import TEACHER
 from bnfree_jax.pipeline.ledger import Ledger
 from bnfree_jax.train.clip_calibration import calibrated_clips, clips_text
@@ -19,12 +17,12 @@ def _phase(ctx, ledger: Ledger, phase: str, net, variables, cfg, label: str, rec
     path = ctx.workdir / phase / "variables"
     if ledger.done(phase):
         return load_variables(path, variables)
-    t0 = time.time()
-    variables, top1 = train_bn_network(phase, net, variables, cfg.steps, cfg.batch, cfg.optim, rt=ctx.rt,
-                                       feed=ctx.feed, ckpt_dir=ctx.workdir / "checkpoints" / phase,
-                                       seed=ctx.config.seed)
-    save_variables(path, variables)
-    ledger.mark_done(phase, top1=top1, seconds=round(time.time() - t0, 2), **(record or {}))
+    with ledger.clock(phase) as elapsed:
+        variables, top1 = train_bn_network(phase, net, variables, cfg.steps, cfg.batch, cfg.optim, rt=ctx.rt,
+                                           feed=ctx.feed, ckpt_dir=ctx.workdir / "checkpoints" / phase,
+                                           seed=ctx.config.seed)
+        save_variables(path, variables)
+        ledger.mark_done(phase, top1=top1, seconds=elapsed(), **(record or {}))
     ctx.log(f"[{phase}] {label} {ctx.eval_split} top-1 {top1:.4f}")
     return variables
 
