@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="", help="evaluate your own images instead: a .npy of uint8 [N,H,W,C]")
     p.add_argument("--labels", default="", help="with --images: a .npy of integer labels [N]")
     p.add_argument("--batch", type=int, default=1000, help="images per interpreter call")
+    p.add_argument("--max-examples", type=int, default=0,
+                   help="evaluate only the first N examples (0: all; the export's n is in its manifest)")
     p.add_argument("--out", default="", help="where to write the JSON result (default: ARTIFACT/eval_int.json)")
 
     p = sub.add_parser("prepare", help="turn downloaded ILSVRC2012 into the TFDS ArrayRecord dataset the "

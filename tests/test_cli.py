@@ -88,6 +88,15 @@ def test_eval_int_on_the_artifact_and_on_bad_inputs(tiny_job, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["interpreter_float_ops"] == 0 and r["n"] == 10000
     assert set(r["max_abs_acc"]) == {"conv1", "conv2", "fc3"}
+    # the job exported on the first 512 test images (data.max_test_examples): the whole split
+    # says so, and --max-examples 512 repeats the export's integer top-1 exactly
+    assert r["recorded_at_export"]["n_images"] == 512 and "--max-examples 512 repeats them" in p.stdout
+    p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--max-examples", "512",
+               "--out", str(tmp_path / "r512.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    r512 = json.loads((tmp_path / "r512.json").read_text())
+    assert r512["n"] == 512 and "note:" not in p.stdout
+    assert r512["top1"] == r512["recorded_at_export"]["student_int_top1"]
     imgs = np.zeros((4, 28, 28, 1), np.float32)
     np.save(tmp_path / "x.npy", imgs)
     np.save(tmp_path / "y.npy", np.zeros(4, np.int64))
@@ -262,6 +271,8 @@ def test_eval_int_refuses_a_nonpositive_batch(tiny_job):
     for batch in ("0", "-1"):
         p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--batch", batch)
         assert p.returncode == 2 and "--batch must be at least 1" in last_line(p), p.stderr[-2000:]
+    p = bnfree("eval-int", "--artifact", str(tiny_job / "export"), "--max-examples", "-3")
+    assert p.returncode == 2 and "--max-examples must be 0" in last_line(p), p.stderr[-2000:]
 
 
 def test_a_full_disk_is_one_line_naming_the_path():

@@ -32,6 +32,8 @@ def eval_int_command(args) -> int:
 
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.max_examples < 0:
+        raise ValueError(f"--max-examples must be 0 (the whole split) or more, got {args.max_examples}")
     art_dir = as_path(args.artifact)
     art = intsim.load_artifact(art_dir)
     manifest = json.loads((art_dir / "manifest.json").read_text())
@@ -40,6 +42,8 @@ def eval_int_command(args) -> int:
     holdout = int(dcfg.get("holdout", 0) or 0)  # > 0: the export metrics were measured on it
     if args.images:
         images, labels = _user_arrays(args.images, args.labels)
+        images, labels = (images[:args.max_examples], labels[:args.max_examples]) if args.max_examples \
+            else (images, labels)
         name, args.split = as_path(args.images).name, "given"
     else:
         data_dir = args.data_dir or dcfg.get("data_dir") or None
@@ -48,6 +52,8 @@ def eval_int_command(args) -> int:
         from bnfree_jax.train.feed import Feed
 
         source = _split_source(data_lib, name, args.split, data_dir, holdout)
+        if args.max_examples:
+            source = source.window(0, args.max_examples)  # the first N, as data.max_test_examples takes
         feed = Feed(train_source=None, eval_source=source, image_size=dcfg.get("image_size") or None,
                     eval_batch=args.batch)
         images, labels = feed.eval_arrays()  # preprocessed as the job's evaluation was
@@ -65,7 +71,8 @@ def eval_int_command(args) -> int:
         "static_bound": res["acc_bound"],
         "min_accumulator_headroom_bits": min(b["headroom_bits"] for b in bounds),
         "recorded_at_export": {k: recorded.get(k) for k in (
-            "student_fakequant_top1", "student_int_top1", "int_argmax_agreement", "int_sim_bit_exact")},
+            "n_images", "student_fakequant_top1", "student_int_top1", "int_argmax_agreement",
+            "int_sim_bit_exact")},
     }
     out["recorded_at_export"]["split"] = "holdout" if holdout else "test"
     path = as_path(args.out) if args.out else art_dir / "eval_int.json"
@@ -80,6 +87,11 @@ def eval_int_command(args) -> int:
     Console(stderr=True).print(t)
     print(f"top1={res['top1']:.4f} n={res['n']} float_ops={out['interpreter_float_ops']} "
           f"images/s={out['images_per_second']:.0f} result={path}")
+    n_export = recorded.get("n_images")
+    if n_export and n_export != res["n"] and args.split == out["recorded_at_export"]["split"]:
+        print(f"note: the export's figures (top1={recorded.get('student_int_top1')}) were measured on the "
+              f"first {n_export} examples of this split (data.max_test_examples); "
+              f"--max-examples {n_export} repeats them")
     return 0 if out["interpreter_float_ops"] == 0 else 1
 
 
