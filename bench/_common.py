@@ -11,18 +11,26 @@ import time
 
 
 def machine() -> dict:
-    """nproc, CPU model and load average: enough to compare two runs honestly."""
-    model = platform.processor() or "unknown"
+    """nproc, CPU model, load average and the int8 dot-product extension: enough to compare
+    two runs honestly (`vnni`: x86 ONNX Runtime's uint8 × int8 kernels saturate without it,
+    so the peers' int8 accuracy of bench/ptq_vs_ort.py and int_inference.py depends on it)."""
+    model, flags = None, set()
     try:
-        with open("/proc/cpuinfo") as fh:
+        with open("/proc/cpuinfo") as fh:  # the first processor's entry: its name, then its flags
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith("model name") and model is None:
                     model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
+    model = model or platform.processor() or "unknown"
     return {"nproc": os.cpu_count(), "cpu": model, "loadavg": [round(v, 2) for v in os.getloadavg()],
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "vnni": bool(flags & VNNI_FLAGS) if flags else None}
+
+
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def time_per_call(fn, *, repeats: int, inner: int, warmup: int = 1) -> tuple[float, list[float]]:
