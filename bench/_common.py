@@ -10,6 +10,9 @@ import sys
 import time
 
 
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def machine() -> dict:
     """nproc, CPU model, load average and the int8 dot-product extension: enough to compare
     two runs honestly (`vnni`: x86 ONNX Runtime's uint8 × int8 kernels saturate without it,
@@ -28,9 +31,6 @@ def machine() -> dict:
     model = model or platform.processor() or "unknown"
     return {"nproc": os.cpu_count(), "cpu": model, "loadavg": [round(v, 2) for v in os.getloadavg()],
             "python": sys.version.split()[0], "vnni": bool(flags & VNNI_FLAGS) if flags else None}
-
-
-VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def time_per_call(fn, *, repeats: int, inner: int, warmup: int = 1) -> tuple[float, list[float]]:

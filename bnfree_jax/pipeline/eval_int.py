@@ -42,8 +42,7 @@ def eval_int_command(args) -> int:
     holdout = int(dcfg.get("holdout", 0) or 0)  # > 0: the export metrics were measured on it
     if args.images:
         images, labels = _user_arrays(args.images, args.labels)
-        images, labels = (images[:args.max_examples], labels[:args.max_examples]) if args.max_examples \
-            else (images, labels)
+        images, labels = images[:args.max_examples or None], labels[:args.max_examples or None]
         name, args.split = as_path(args.images).name, "given"
     else:
         data_dir = args.data_dir or dcfg.get("data_dir") or None
