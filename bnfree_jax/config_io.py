@@ -35,6 +35,7 @@ ADDED = {"model.weight_quantizer": "maxabs", "model.act_quantizer": "pact", "mod
          # the input pipeline and metrics fetches as they were before these keys existed
          "checkpoint.log_every": 50, "checkpoint.grad_diagnostics": True, "data.workers": 0, "data.read_threads": 2,
          "data.prefetch": 4, "ptl.train_own_activation": False, "ptl.block_layers": 1,
+         "ptl.stage_budget": "equal",
          "mesh.cpu_devices": 0, "sweep.ptl": "first"}
 
 

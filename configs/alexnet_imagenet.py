@@ -60,6 +60,7 @@ def get_config(arg: str = ""):
         head_layers=1,
         block_layers=1,
         train_own_activation=False,
+        stage_budget="equal",
         cache_teacher=False, target_cache_mb=0,  # augmented inputs: teacher outputs cannot be cached
         optim=_optim(name="adamw", lr=1e-4, weight_decay=1e-5, grad_clip=1.0),
         finetune_optim=_optim(name="adamw", lr=2e-5, weight_decay=1e-5, grad_clip=1.0),

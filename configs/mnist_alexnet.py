@@ -47,6 +47,7 @@ def get_config(arg: str = ""):
         head_layers=1,              # > 1: convert the last N layers together, end to end, in N stages' steps
         block_layers=1,             # > 1: each stage before the head converts this many layers, fitted together
         train_own_activation=False,  # the downstream loss also trains S_ℓ's activation clip (docs/ptl.md)
+        stage_budget="equal",       # "residual": tandem steps shared by each layer's least-squares residual
         cache_teacher=True,         # with no augmentation: teacher logits (and layer targets) computed once
         target_cache_mb=2048,       # host memory for cached layer targets, filled from the last layer back
         optim=_optim(lr=1e-3),

@@ -74,7 +74,7 @@ BAD = [
     ("ptl.ce_weight", -1.0), ("ptl.kd_weight", NAN), ("ptl.layer_loss_weight", INF),
     ("ptl.prefix", "thawed"), ("ptl.layer_target", "student"), ("ptl.own_layer_rate", "frozen"),
     ("ptl.head_layers", 0), ("ptl.head_layers", 9), ("ptl.block_layers", 0), ("ptl.block_layers", 9), ("ptl.target_cache_mb", -1), ("ptl.local_init", 1),
-    ("ptl.compensation", "no"), ("ptl.cache_teacher", None),
+    ("ptl.compensation", "no"), ("ptl.cache_teacher", None), ("ptl.stage_budget", "by_loss"),
     # model
     ("model.w_bits", 0), ("model.a_bits", 9), ("model.first_last_w_bits", 32), ("model.w_bits", 4.0),
     ("model.w_bits", True), ("model.requant", "rows"), ("model.name", "resnet50"), ("model.num_classes", 5),

@@ -334,3 +334,65 @@ def test_block_loss_is_the_block_output_against_the_tprime_path(ctx, env, qat_va
     g = jax.grad(lambda p: loss_mse(p, {}, frozen, batch, None)[0])(params)
     assert float(np.abs(np.asarray(g["T"]["fc3"]["kernel"])).max()) == 0.0  # fc3's T' sees the task loss only
     assert float(np.abs(np.asarray(grads["T"]["fc3"]["kernel"])).max()) > 0
+
+
+def test_residual_budget_shares_the_tandem_steps_by_residual():
+    """ptl.stage_budget="residual": each tandem stage keeps a quarter of its equal budget
+    and the rest goes by the residuals of the layers it converts (largest remainders);
+    the total and the other stages are unchanged."""
+    from bnfree_jax.distill.plan import allocate_by_residual, total_steps
+
+    cfg = load_config("configs/mnist_alexnet.py:quick", ["model.name='tiny_cnn'", "ptl.stage_steps=40",
+                                                         "ptl.local_init_steps=7", "ptl.finetune_steps=9"]).ptl
+    names = ["conv1", "conv2", "fc3"]
+    plan = build_stage_plan(cfg, names)
+    out = allocate_by_residual(plan, {"conv1": 0.1, "conv2": 0.3, "fc3": 0.6})
+    # 120 tandem steps: 10 each kept, 90 shared 9 : 27 : 54
+    assert [s.steps for s in out] == [7, 19, 37, 64, 9]
+    assert total_steps(out) == total_steps(plan)
+    assert [dataclasses.replace(s, steps=0) for s in out] == [dataclasses.replace(s, steps=0) for s in plan]
+    even = allocate_by_residual(plan, {"conv1": 2.0, "conv2": 2.0, "fc3": 2.0})
+    assert [s.steps for s in even] == [s.steps for s in plan]
+    cfg.stage_steps = 41  # 123 tandem steps, 10 kept each, 93 shared 1 : 1 : 2 → 23.25, 23.25, 46.5
+    odd = allocate_by_residual(build_stage_plan(cfg, names), {"conv1": 1.0, "conv2": 1.0, "fc3": 2.0})
+    assert [s.steps for s in odd if s.kind == "tandem"] == [33, 33, 57]  # the .5 remainder wins the step
+    cfg.stage_steps, cfg.block_layers = 40, 2  # a block's weight is the sum of its layers'
+    block = allocate_by_residual(build_stage_plan(cfg, names), {"conv1": 0.1, "conv2": 0.3, "fc3": 0.6})
+    assert [s.steps for s in block if s.kind == "tandem"] == [20 + 36, 10 + 54]  # 90 shared 0.4 : 0.6
+    with pytest.raises(ValueError, match="no residual for layer"):
+        allocate_by_residual(plan, {"conv1": 0.1})
+
+
+def test_residual_budget_run_records_and_trains_the_shared_steps(ctx, qat_vars, monkeypatch):
+    """A run with stage_budget="residual" measures each layer's least-squares residual on
+    its initial trees (its own stream), records it, trains each stage for its share, and
+    a rerun reads the record instead of measuring again."""
+    from bnfree_jax.distill.least_squares import least_squares_init
+    from bnfree_jax.distill.plan import allocate_by_residual, total_steps
+
+    names = ctx.nets.layer_names
+    env = _with_ptl(ctx, local_init_steps=2, stage_steps=4, finetune_steps=0, stage_budget="residual")
+    plan = build_stage_plan(env.ptl, names)
+    ledger = Ledger(ctx.workdir)
+    out_dir, ckpt_dir = ctx.workdir / "budget_test", ctx.workdir / "checkpoints" / "budget_test"
+    _, records = run_plan(env, qat_vars, plan, records=ledger, out_dir=out_dir, ckpt_dir=ckpt_dir,
+                          variant="budget_test")
+    init = initial_trees(env, qat_vars, "fold")
+    with closing(env.feed.train_batches(env.ptl.batch, stream_seed(env.seed, "budget_test/budget"),
+                                        env.rt.mesh)) as batches:
+        _, residuals = least_squares_init(ctx.nets.network(STUDENT), init.S, ctx.nets.network(TEACHER),
+                                          init.teacher, batches)
+    recorded = ledger.get("budget_test/budget")
+    assert recorded["residuals"] == pytest.approx(residuals, rel=1e-5)
+    expected = allocate_by_residual(plan, residuals)
+    assert [r["steps"] for r in records] == [s.steps for s in expected]
+    assert recorded["steps"] == {s.name: s.steps for s in expected}
+    assert sum(r["steps"] for r in records) == total_steps(plan)
+    assert [r["steps"] for r in records] != [s.steps for s in plan]  # the residuals differ: so do the shares
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the rerun measured the residuals again")
+
+    monkeypatch.setattr("bnfree_jax.distill.ptl.least_squares_init", measured_again)
+    _, rerun = run_plan(env, qat_vars, plan, records=ledger, out_dir=out_dir, ckpt_dir=ckpt_dir,
+                        variant="budget_test")
+    assert [r["steps"] for r in rerun] == [s.steps for s in expected]

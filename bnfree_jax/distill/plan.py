@@ -12,6 +12,8 @@ from typing import Sequence
 
 TRAINABLE, SLOW, FROZEN, UNUSED = "trainable", "slow", "frozen", "unused"
 ACT_ALPHA = "act_alpha"  # a student layer's learnable activation clip (nn/network.py: Layer.activation)
+STAGE_BUDGETS = ("equal", "residual")  # ptl.stage_budget
+BUDGET_FLOOR = 0.25  # the share of its equal budget a tandem stage keeps whatever its residual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +132,44 @@ def block_layers(ptl_cfg) -> int:
     if block < 1:
         raise ValueError(f"ptl.block_layers must be at least 1, got {block}")
     return block
+
+
+def stage_budget(ptl_cfg) -> str:
+    """`ptl.stage_budget` ('equal' when a config predates the key, config_io.ADDED)."""
+    budget = str(getattr(ptl_cfg, "stage_budget", "equal"))
+    if budget not in STAGE_BUDGETS:
+        raise ValueError(f"ptl.stage_budget must be one of {', '.join(STAGE_BUDGETS)}, got {budget!r}")
+    return budget
+
+
+def allocate_by_residual(plan: Sequence[Stage], residuals: dict, floor: float = BUDGET_FLOOR) -> list[Stage]:
+    """The plan with its tandem stages' steps shared by residual (`ptl.stage_budget="residual"`).
+
+    A stage's weight is the sum of `residuals[layer]` over the layers it converts; each
+    keeps `floor` of its equal budget, and the rest of the tandem budget goes to the stages
+    in proportion to their weights (largest remainders round it), so the plan's total, and
+    with it the baselines' equal budgets, stays what it was. Other stages are untouched."""
+    tandem = [k for k, s in enumerate(plan) if s.kind == "tandem"]
+    if not tandem:
+        return list(plan)
+    names = [g[2:] for g in plan[tandem[0]].labels if g.startswith("S:")]
+    missing = sorted({names[l - 1] for k in tandem for l in plan[k].converts} - set(residuals))
+    if missing:
+        raise ValueError(f"no residual for layer(s) {', '.join(missing)}")
+    weights = [sum(max(float(residuals[names[l - 1]]), 0.0) for l in plan[k].converts) for k in tandem]
+    total = sum(plan[k].steps for k in tandem)
+    steps = [int(floor * plan[k].steps) for k in tandem]
+    rest = total - sum(steps)
+    shares = [rest * w / sum(weights) for w in weights] if sum(weights) > 0 else \
+        [rest * plan[k].steps / total for k in tandem]
+    steps = [s + int(share) for s, share in zip(steps, shares)]
+    by_remainder = sorted(range(len(tandem)), key=lambda i: (-(shares[i] - int(shares[i])), i))
+    for i in by_remainder[: total - sum(steps)]:
+        steps[i] += 1
+    out = list(plan)
+    for k, n in zip(tandem, steps):
+        out[k] = dataclasses.replace(plan[k], steps=n)
+    return out
 
 
 def total_steps(plan: Sequence[Stage]) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 from bnfree_jax.distill.fold import fold_student
 from bnfree_jax.distill.handover import hand_over_all, needs_handover
 from bnfree_jax.distill.least_squares import least_squares_init
-from bnfree_jax.distill.plan import FROZEN, UNUSED, Stage, build_stage_plan
+from bnfree_jax.distill.plan import FROZEN, UNUSED, Stage, allocate_by_residual, build_stage_plan, stage_budget
 from bnfree_jax.distill.stage_runner import Trees, run_stage, stage_state
 from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_local_init_loss,
                                        make_tandem_loss, own_layer_error, tandem_roles, tandem_variables)
@@ -143,6 +143,8 @@ def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, var
     teacher cache, asked for only when a stage still has to train."""
     student_net, teacher_net = env.nets.network(STUDENT), env.nets.network(TEACHER)
     trees = initial_trees(env, qat_vars, init)
+    if stage_budget(env.ptl) == "residual":
+        plan = _residual_plan(env, plan, trees, records, variant)
     probe = env.feed.eval_arrays(PROBE_IMAGES)[0]
     pending = any(s.steps and not records.done(f"{variant}/{s.name}") for s in plan)
     teacher_cache = cache() if pending else None  # a finished job needs none
@@ -173,6 +175,23 @@ def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, var
         env.log(f"[{variant}] {stage.name}: tandem top-1 {metrics['tandem_top1']:.4f}")
         out.append(rec)
     return trees.S, out
+
+
+def _residual_plan(env, plan, trees: Trees, records, variant: str) -> list[Stage]:
+    """`plan` with its tandem budget shared by each layer's least-squares residual on the
+    initial trees (`ptl.stage_budget="residual"`); the residuals are recorded
+    (`<variant>/budget`), so a resumed job trains the same plan."""
+    key = f"{variant}/budget"
+    if not records.done(key):
+        with closing(env.feed.train_batches(env.ptl.batch, stream_seed(env.seed, key), env.rt.mesh)) as batches:
+            _, residuals = least_squares_init(env.nets.network(STUDENT), trees.S, env.nets.network(TEACHER),
+                                              trees.teacher, batches)
+        steps = {s.name: s.steps for s in allocate_by_residual(plan, residuals)}
+        records.mark_done(key, residuals=residuals, steps=steps)
+    plan = allocate_by_residual(plan, records.get(key)["residuals"])
+    env.log(f"[{variant}] stage budget by residual: "
+            + ", ".join(f"{s.name} {s.steps}" for s in plan if s.kind == "tandem"))
+    return plan
 
 
 def _final_state(env, stage: Stage, trees: Trees, stage_ckpt_dir: Path):

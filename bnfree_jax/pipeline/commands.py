@@ -61,7 +61,7 @@ def train_teacher(config, workdir: Path, args) -> int:
 
 
 def distill(config, workdir: Path, args) -> int:
-    from bnfree_jax.distill.plan import build_stage_plan, plan_table, total_steps
+    from bnfree_jax.distill.plan import build_stage_plan, plan_table, stage_budget, total_steps
     from bnfree_jax.nn.zoo import get_layer_specs
 
     if args.dry_run:
@@ -70,6 +70,9 @@ def distill(config, workdir: Path, args) -> int:
         plan = build_stage_plan(config.ptl, [s.name for s in get_layer_specs(m.name, m.num_classes)])
         Console().print(plan_table(plan))
         print(f"total distillation steps: {total_steps(plan)}")
+        if stage_budget(config.ptl) == "residual":
+            print("ptl.stage_budget=residual: the tandem stages' steps above are shared by each layer's "
+                  "residual when the job starts (same total)")
         return 0
     with open_job(config, workdir, args.force, "bnfree distill", args.profile_steps) as (ctx, ledger):
         run_distill(ctx, ledger)

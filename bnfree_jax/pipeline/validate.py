@@ -21,7 +21,7 @@ from bnfree_jax.config_io import (ADDED, ConfigError, _first_line, flatten, impo
 from bnfree_jax.data.augment import AUGMENTS
 from bnfree_jax.data.info import SPLITS, dataset_info
 from bnfree_jax.distill.baselines import BASELINES
-from bnfree_jax.distill.plan import FROZEN, SLOW, TRAINABLE
+from bnfree_jax.distill.plan import FROZEN, SLOW, STAGE_BUDGETS, TRAINABLE
 from bnfree_jax.nn.weights import channel_axis
 from bnfree_jax.nn.zoo import MAX_BITS, MODELS, get_layer_specs, parse_layer_rules
 from bnfree_jax.train.mesh import PLATFORMS, use_cpu_devices
@@ -200,6 +200,7 @@ _SECTIONS = {
             "compensation": boolean, "layer_target": one_of(LAYER_TARGETS),
             "own_layer_rate": one_of((TRAINABLE, SLOW)), "head_layers": integer(1),
             "block_layers": integer(1), "train_own_activation": boolean,
+            "stage_budget": one_of(STAGE_BUDGETS),
             "cache_teacher": boolean, "target_cache_mb": COUNT, "optim": OPTIM, "finetune_optim": OPTIM},
     "checkpoint": {"save_every": STEPS, "keep": integer(1), "log_every": STEPS, "grad_diagnostics": boolean},
     "mesh": {"compute_dtype": one_of(COMPUTE_DTYPES), "platform": one_of(PLATFORMS), "cpu_devices": COUNT},
@@ -220,7 +221,7 @@ OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platf
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
             "model.layers", "model.layer_table", "ptl.train_own_activation", "checkpoint.grad_diagnostics",
-            "ptl.block_layers", "mesh.cpu_devices", "sweep.ptl"} | {
+            "ptl.block_layers", "ptl.stage_budget", "mesh.cpu_devices", "sweep.ptl"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
