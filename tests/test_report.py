@@ -393,3 +393,19 @@ def test_render_of_a_job_that_stopped_before_export():
     assert ".png" not in md and md.count("*Not available:") == len(PNGS)
     assert "*Not available: no data for it in this job.*" in md
     assert "No distillation stage finished." in md and "## Layers" not in md
+
+
+def test_the_residual_budget_record_is_no_stage(tmp_path):
+    """`ptl/budget` (ptl.stage_budget="residual") sits among the stage records of the
+    ledger; the summary lists and times the stages only (the report failed on it with
+    KeyError 'name')."""
+    from bnfree_jax.report.summary import phase_seconds, ptl_stages
+
+    ledger = {"teacher": {"done": True, "seconds": 5.0},
+              "ptl/budget": {"done": True, "residuals": {"conv1": 0.1}, "steps": {"stage1_conv1": 3}},
+              "ptl/stage1_conv1": {"done": True, "order": 1, "name": "stage1_conv1", "kind": "tandem", "steps": 3,
+                                   "seconds": 2.0, "metrics": {}},
+              "ptl/local_init": {"done": True, "order": 0, "name": "local_init", "kind": "local_init", "steps": 2,
+                                 "seconds": 1.0, "metrics": {}}}
+    assert [r["name"] for r in ptl_stages(ledger)] == ["local_init", "stage1_conv1"]
+    assert phase_seconds(ledger) == {"teacher": 5.0, "ptl/local_init": 1.0, "ptl/stage1_conv1": 2.0}

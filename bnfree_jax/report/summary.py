@@ -18,11 +18,17 @@ def eval_split(config: dict) -> str:
     return f"train[-{n}:]" if n else "test"
 
 
+def ptl_stages(ledger: dict) -> list[dict]:
+    """The PTL stage records of a ledger, in plan order (not `ptl/budget`, the residuals
+    of `ptl.stage_budget="residual"`, which is no stage)."""
+    return sorted((r for k, r in ledger.items() if k.startswith("ptl/") and "kind" in r),
+                  key=lambda r: r.get("order", 0))
+
+
 def phase_seconds(ledger: dict) -> dict:
     """Wall seconds of every finished phase and PTL stage (of the run that finished it)."""
     out = {k: ledger[k].get("seconds") for k in PHASES if k in ledger}
-    stages = sorted((r for k, r in ledger.items() if k.startswith("ptl/")), key=lambda r: r.get("order", 0))
-    out.update({f"ptl/{r['name']}": r.get("seconds") for r in stages})
+    out.update({f"ptl/{r['name']}": r.get("seconds") for r in ptl_stages(ledger)})
     return out
 
 
@@ -33,7 +39,7 @@ def build_summary(workdir, *, wall_seconds: float, float_params_bytes: int) -> d
     m = c["model"]
     ex = ledger.get("export") or {}
     stages = [{"name": r["name"], "steps": r["steps"], "seconds": r["seconds"], "metrics": r["metrics"]}
-              for k, r in sorted(ledger.items(), key=lambda kv: kv[1].get("order", 0)) if k.startswith("ptl/")]
+              for r in ptl_stages(ledger)]
     tensors = workdir / "export" / "model.safetensors"
     return {
         "dataset": c["data"]["name"], "model": m["name"], "requant": m["requant"],
