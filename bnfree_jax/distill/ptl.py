@@ -143,7 +143,7 @@ def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, var
     teacher cache, asked for only when a stage still has to train."""
     student_net, teacher_net = env.nets.network(STUDENT), env.nets.network(TEACHER)
     trees = initial_trees(env, qat_vars, init)
-    if stage_budget(env.ptl) == "residual":
+    if stage_budget(env.ptl) == "residual" and any(s.kind == "tandem" for s in plan):  # fold + QAT has none
         plan = _residual_plan(env, plan, trees, records, variant)
     probe = env.feed.eval_arrays(PROBE_IMAGES)[0]
     pending = any(s.steps and not records.done(f"{variant}/{s.name}") for s in plan)
