@@ -182,13 +182,16 @@ def _residual_plan(env, plan, trees: Trees, records, variant: str) -> list[Stage
     initial trees (`ptl.stage_budget="residual"`); the residuals are recorded
     (`<variant>/budget`), so a resumed job trains the same plan."""
     key = f"{variant}/budget"
-    if not records.done(key):
+    recorded = records.get(key) if records.done(key) else None
+    if recorded:
+        residuals = recorded["residuals"]
+    else:
         with closing(env.feed.train_batches(env.ptl.batch, stream_seed(env.seed, key), env.rt.mesh)) as batches:
             _, residuals = least_squares_init(env.nets.network(STUDENT), trees.S, env.nets.network(TEACHER),
                                               trees.teacher, batches)
-        steps = {s.name: s.steps for s in allocate_by_residual(plan, residuals)}
-        records.mark_done(key, residuals=residuals, steps=steps)
-    plan = allocate_by_residual(plan, records.get(key)["residuals"])
+    plan = allocate_by_residual(plan, residuals)
+    if not recorded:
+        records.mark_done(key, residuals=residuals, steps={s.name: s.steps for s in plan})
     env.log(f"[{variant}] stage budget by residual: "
             + ", ".join(f"{s.name} {s.steps}" for s in plan if s.kind == "tandem"))
     return plan
