@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from _common import emit, machine, rate, time_per_call  # noqa: E402
+from bnfree_jax.config_io import load_config, with_added  # noqa: E402
 from bnfree_jax.distill.plan import FROZEN, build_stage_plan  # noqa: E402
 from bnfree_jax.distill.stage_runner import Trees, split  # noqa: E402
 from bnfree_jax.distill.tandem import make_tandem_loss, tandem_roles  # noqa: E402
@@ -34,9 +34,10 @@ from bnfree_jax.train.state import create_train_state  # noqa: E402
 from bnfree_jax.train.step import make_train_step  # noqa: E402
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-PTL_CFG = types.SimpleNamespace(layer_target="tandem", local_init=False, local_init_steps=0, prefix="frozen", compensation=True,
-                                layer_loss_weight=1.0, ce_weight=1.0, kd_weight=1.0, stage_steps=1,
-                                finetune_steps=0)
+PTL_CFG = with_added(load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                "configs", "mnist_alexnet.py"),
+                                   ["ptl.local_init=False", "ptl.stage_steps=1", "ptl.finetune_steps=0",
+                                    "ptl.prefix=frozen"]), "ptl")  # the project's PTL settings, one step a stage
 
 
 def _batch(mesh, batch: int, seed: int = 0):

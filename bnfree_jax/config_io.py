@@ -50,6 +50,18 @@ def setting(config, key: str):
     return node
 
 
+def with_added(config, section: str) -> ml_collections.ConfigDict:
+    """A copy of `config[section]` holding every key of `ADDED` under it, the absent ones at
+    their defaults (what a workdir pinned before them ran with): code handed the section
+    (distill's `Env.ptl`) reads its keys without defaults of its own."""
+    out = ml_collections.ConfigDict(config[section].to_dict())
+    for key in ADDED:
+        head, _, name = key.partition(".")
+        if head == section and name not in out:
+            out[name] = ADDED[key]
+    return out
+
+
 def is_retired(key: str) -> bool:
     """True for a flattened key of `RETIRED` (an entry ending in '.' retires a whole section)."""
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RETIRED)

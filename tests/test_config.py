@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 
-from bnfree_jax.config_io import ConfigError, apply_override, changed_keys, flatten, load_config, to_dict
+from bnfree_jax.config_io import ADDED, ConfigError, apply_override, changed_keys, flatten, load_config, to_dict, with_added
 from bnfree_jax.pipeline.validate import SCHEMA, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,3 +338,17 @@ def test_every_config_leaf_is_read_by_the_package():
     unread = sorted(k for k in leaves if k.split(".")[-1] not in read)
     assert not unread, f"config keys nothing in bnfree_jax reads: {unread}"
     assert "logit_bits" not in read  # the check can fail: that retired key is read nowhere
+
+
+def test_a_section_handed_on_carries_the_added_keys_an_older_config_lacks():
+    """Context.env's `ptl` comes from with_added: a config pinned before a key reads as its
+    default there, and a key the config sets keeps its value (the defaults live only in ADDED)."""
+    old = load_config("configs/mnist_alexnet.py", ["ptl.block_layers=2"]).to_dict()
+    del old["ptl"]["stage_budget"], old["ptl"]["train_own_activation"]
+    config = ml_collections.ConfigDict(old)
+    ptl = with_added(config, "ptl")
+    assert ptl.stage_budget == ADDED["ptl.stage_budget"] and ptl.train_own_activation is ADDED["ptl.train_own_activation"]
+    assert ptl.block_layers == 2 and ptl.stage_steps == config.ptl.stage_steps
+    ptl.stage_steps += 1  # a copy: the job's config is not touched
+    assert "stage_budget" not in config.ptl and ptl.stage_steps == config.ptl.stage_steps + 1
+    assert "ptl.stage_budget" not in changed_keys(old, to_dict(load_config("configs/mnist_alexnet.py")))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from bnfree_jax.config_io import ConfigError, changed_keys, load_config, to_dict
+from bnfree_jax.config_io import ConfigError, changed_keys, load_config, to_dict, with_added
 from bnfree_jax.distill.losses import task_losses
 from bnfree_jax.distill.plan import ACT_ALPHA, SLOW, TRAINABLE, build_stage_plan, plan_table
 from bnfree_jax.distill.ptl import initial_trees, run_plan, stage_loss
@@ -96,7 +96,7 @@ def test_key_is_checked_and_an_older_config_without_it_runs_off(ctx):
     old = load_config("configs/mnist_alexnet.py").to_dict()
     del old["ptl"]["train_own_activation"]
     validate_config(ml_collections.ConfigDict(old))
-    assert not any(s.own_activation for s in build_stage_plan(ml_collections.ConfigDict(old["ptl"]),
+    assert not any(s.own_activation for s in build_stage_plan(with_added(ml_collections.ConfigDict(old), "ptl"),
                                                               ctx.nets.layer_names))
     new = to_dict(load_config("configs/mnist_alexnet.py"))
     assert changed_keys(old, new) == []  # a workdir pinned before the key resumes

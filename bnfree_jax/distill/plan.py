@@ -85,8 +85,11 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
     if not 1 <= head <= L:
         raise ValueError(f"ptl.head_layers must be in 1..{L} (this network's layers), got {head}")
     losses = {"layer_mse": ptl_cfg.layer_loss_weight, "ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}
-    own_act = train_own_activation(ptl_cfg)
-    block = block_layers(ptl_cfg)
+    own_act, block = bool(ptl_cfg.train_own_activation), int(ptl_cfg.block_layers)
+    if block < 1:
+        raise ValueError(f"ptl.block_layers must be at least 1, got {block}")
+    if ptl_cfg.stage_budget not in STAGE_BUDGETS:
+        raise ValueError(f"ptl.stage_budget must be one of {', '.join(STAGE_BUDGETS)}, got {ptl_cfg.stage_budget!r}")
     if block > 1 and own_act:
         raise ValueError("ptl.train_own_activation needs ptl.block_layers=1 (one converted layer per stage)")
     body = L if head == 1 else L - head  # layers converted before the head stage
@@ -118,28 +121,6 @@ def build_stage_plan(ptl_cfg, layer_names: Sequence[str]) -> list[Stage]:
         plan.append(Stage("finetune", "finetune", 0, labels, ptl_cfg.finetune_steps,
                           {"ce": ptl_cfg.ce_weight, "kd": ptl_cfg.kd_weight}))
     return plan
-
-
-def train_own_activation(ptl_cfg) -> bool:
-    """`ptl.train_own_activation`; off when a config predates the key (config_io.ADDED)."""
-    return bool(getattr(ptl_cfg, "train_own_activation", False))  # its value checked by pipeline.validate
-
-
-def block_layers(ptl_cfg) -> int:
-    """`ptl.block_layers` (1 when a config predates the key, config_io.ADDED): the layers
-    each tandem stage before the head converts together."""
-    block = int(getattr(ptl_cfg, "block_layers", 1))
-    if block < 1:
-        raise ValueError(f"ptl.block_layers must be at least 1, got {block}")
-    return block
-
-
-def stage_budget(ptl_cfg) -> str:
-    """`ptl.stage_budget` ('equal' when a config predates the key, config_io.ADDED)."""
-    budget = str(getattr(ptl_cfg, "stage_budget", "equal"))
-    if budget not in STAGE_BUDGETS:
-        raise ValueError(f"ptl.stage_budget must be one of {', '.join(STAGE_BUDGETS)}, got {budget!r}")
-    return budget
 
 
 def allocate_by_residual(plan: Sequence[Stage], residuals: dict, floor: float = BUDGET_FLOOR) -> list[Stage]:

@@ -18,7 +18,7 @@ import numpy as np
 from bnfree_jax.distill.fold import fold_student
 from bnfree_jax.distill.handover import hand_over_all, needs_handover
 from bnfree_jax.distill.least_squares import least_squares_init
-from bnfree_jax.distill.plan import FROZEN, UNUSED, Stage, allocate_by_residual, build_stage_plan, stage_budget
+from bnfree_jax.distill.plan import FROZEN, UNUSED, Stage, allocate_by_residual, build_stage_plan
 from bnfree_jax.distill.stage_runner import Trees, run_stage, stage_state
 from bnfree_jax.distill.tandem import (layer_errors, make_finetune_loss, make_local_init_loss,
                                        make_tandem_loss, own_layer_error, tandem_roles, tandem_variables)
@@ -143,7 +143,7 @@ def run_plan(env, qat_vars, plan, *, records, out_dir: Path, ckpt_dir: Path, var
     teacher cache, asked for only when a stage still has to train."""
     student_net, teacher_net = env.nets.network(STUDENT), env.nets.network(TEACHER)
     trees = initial_trees(env, qat_vars, init)
-    if stage_budget(env.ptl) == "residual" and any(s.kind == "tandem" for s in plan):  # fold + QAT has none
+    if env.ptl.stage_budget == "residual" and any(s.kind == "tandem" for s in plan):  # fold + QAT has none
         plan = _residual_plan(env, plan, trees, records, variant)
     probe = env.feed.eval_arrays(PROBE_IMAGES)[0]
     pending = any(s.steps and not records.done(f"{variant}/{s.name}") for s in plan)

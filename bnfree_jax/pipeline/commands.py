@@ -9,7 +9,7 @@ import time
 
 from rich.console import Console
 
-from bnfree_jax.config_io import ConfigError
+from bnfree_jax.config_io import ConfigError, with_added
 from bnfree_jax.pipeline.context import is_primary, make_context
 from bnfree_jax.pipeline.distill_phase import run_distill
 from bnfree_jax.pipeline.eval_int import eval_int_command
@@ -61,16 +61,17 @@ def train_teacher(config, workdir: Path, args) -> int:
 
 
 def distill(config, workdir: Path, args) -> int:
-    from bnfree_jax.distill.plan import build_stage_plan, plan_table, stage_budget, total_steps
+    from bnfree_jax.distill.plan import build_stage_plan, plan_table, total_steps
     from bnfree_jax.nn.zoo import get_layer_specs
 
     if args.dry_run:
         validate_config(config)
         m = config.model
-        plan = build_stage_plan(config.ptl, [s.name for s in get_layer_specs(m.name, m.num_classes)])
+        ptl = with_added(config, "ptl")
+        plan = build_stage_plan(ptl, [s.name for s in get_layer_specs(m.name, m.num_classes)])
         Console().print(plan_table(plan))
         print(f"total distillation steps: {total_steps(plan)}")
-        if stage_budget(config.ptl) == "residual":
+        if ptl.stage_budget == "residual":
             print("ptl.stage_budget=residual: the tandem stages' steps above are shared by each layer's "
                   "residual when the job starts (same total)")
         return 0

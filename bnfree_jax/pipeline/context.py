@@ -13,7 +13,7 @@ import jax
 import ml_collections
 
 from bnfree_jax import data as data_lib
-from bnfree_jax.config_io import import_plugins, setting, to_dict
+from bnfree_jax.config_io import import_plugins, setting, to_dict, with_added
 from bnfree_jax.data.storage import Path, as_path
 from bnfree_jax.distill.env import Env
 from bnfree_jax.nn.factory import NetFactory
@@ -42,7 +42,7 @@ class Context:
     @property
     def env(self) -> Env:
         """What distillation uses of this job."""
-        return Env(nets=self.nets, rt=self.rt, feed=self.feed, ptl=self.config.ptl, seed=int(self.config.seed))
+        return Env(nets=self.nets, rt=self.rt, feed=self.feed, ptl=with_added(self.config, "ptl"), seed=int(self.config.seed))
 
     @property
     def eval_split(self) -> str:

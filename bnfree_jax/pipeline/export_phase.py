@@ -56,7 +56,7 @@ def export_student(ctx, ledger, params=None, out_dir: Path | None = None, key: s
         return json.loads((out_dir / MANIFEST_FILE).read_text())
     t0 = time.time()
     if params is None:
-        params = final_student(ctx.nets, ctx.config.ptl, ctx.workdir / "ptl")
+        params = final_student(ctx.nets, ctx.env.ptl, ctx.workdir / "ptl")
         if params is None:
             raise ValueError(f"{ctx.workdir}: distillation has not finished; run `bnfree distill` first")
     net = ctx.nets.network(STUDENT)

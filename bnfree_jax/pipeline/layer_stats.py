@@ -139,6 +139,6 @@ def collect_layer_stats(nets, feed, student: Optional[dict], teacher: Optional[d
 
 def job_layer_stats(ctx) -> Optional[LayerStats]:
     """The job's statistics of its final PTL student against its QAT teacher."""
-    student = final_student(ctx.nets, ctx.config.ptl, ctx.workdir / "ptl")
+    student = final_student(ctx.nets, ctx.env.ptl, ctx.workdir / "ptl")
     teacher = load_teacher(ctx.nets, ctx.workdir / "qat" / "variables") if student is not None else None
     return collect_layer_stats(ctx.nets, ctx.feed, student, teacher)

@@ -158,7 +158,7 @@ def run_sensitivity(ctx, budget_bytes: int | None, examples: int, out_dir: Path,
     """Measure, propose, write `out_dir`/sensitivity.json; returns what it wrote."""
     if examples < 1:
         raise ConfigError(f"--examples must be at least 1, got {examples}")
-    params = final_student(ctx.nets, ctx.config.ptl, ctx.workdir / "ptl")
+    params = final_student(ctx.nets, ctx.env.ptl, ctx.workdir / "ptl")
     if params is None:
         raise ConfigError(f"{ctx.workdir}: distillation has not finished; run `bnfree run` first")
     names = ctx.nets.layer_names
