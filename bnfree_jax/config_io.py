@@ -31,7 +31,7 @@ NUMBER_OR_NAME = ("model.act_init",)
 # Keys added later with a default: a workdir pinned before them, without the key, was
 # started with that default and still resumes.
 ADDED = {"model.weight_quantizer": "maxabs", "model.act_quantizer": "pact", "model.plugins": [],
-         "model.layers": [],
+         "model.layers": [], "model.bias_grid": False,
          # the input pipeline and metrics fetches as they were before these keys existed
          "checkpoint.log_every": 50, "checkpoint.grad_diagnostics": True, "data.workers": 0, "data.read_threads": 2,
          "data.prefetch": 4, "ptl.train_own_activation": False, "ptl.block_layers": 1,

@@ -39,7 +39,7 @@ def get_config(arg: str = ""):
                    act_init=4.0,  # every activation clip's start, or a calibrator (minmax|percentile|entropy|mse) of 256 training images
                    # registered quantizers (bnfree_jax.quant), and modules imported first
                    # that may register more (docs/quantizers.md)
-                   weight_quantizer="maxabs", act_quantizer="pact", plugins=[])
+                   weight_quantizer="maxabs", act_quantizer="pact", plugins=[], bias_grid=False)
     c.model.layers = []  # per-layer rules [(regex, {w_bits|a_bits|..: v})], first match wins (docs/quantizers.md)
     # Teacher: SGD + Nesterov momentum, lr 0.01 per 256 images scaled linearly, ~90 epochs.
     c.teacher = dict(steps=90 * STEPS_PER_EPOCH, batch=GLOBAL_BATCH, optim=_optim(lr=0.04))

@@ -28,7 +28,8 @@ def get_config(arg: str = ""):
                    act_init=4.0,  # every activation clip's start, or a calibrator (minmax|percentile|entropy|mse) of 256 training images
                    # registered quantizers (bnfree_jax.quant), and modules imported first
                    # that may register more (docs/quantizers.md)
-                   weight_quantizer="maxabs", act_quantizer="pact", plugins=[])
+                   weight_quantizer="maxabs", act_quantizer="pact", plugins=[],
+                   bias_grid=False)  # True: the student's β trained on the artifact's accumulator grid (docs/ptl.md)
     c.model.layers = []  # per-layer rules [(regex, {w_bits|a_bits|..: v})], first match wins (docs/quantizers.md)
     c.teacher = dict(steps=600, batch=128, optim=_optim(lr=3e-3))
     c.qat = dict(steps=300, batch=128, optim=_optim(lr=1e-3))

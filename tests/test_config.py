@@ -50,7 +50,7 @@ def _refusal(config) -> str:
 BAD = [
     ("mesh.platform", "cuda"), ("mesh.platform", None), ("mesh.cpu_devices", -1), ("mesh.cpu_devices", 2.5),
     ("model.layers", [("conv1",)]), ("model.layers", "conv1"), ("model.layer_table", [{"name": "conv1"}]),
-    ("checkpoint.grad_diagnostics", "yes"), ("ptl.train_own_activation", 1),
+    ("checkpoint.grad_diagnostics", "yes"), ("ptl.train_own_activation", 1), ("model.bias_grid", "yes"),
     ("ptq_sweep.methods", ["kl"]), ("ptq_sweep.methods", []), ("ptq_sweep.percentiles", [0.0]),
     ("ptq_sweep.percentiles", [100.5]), ("ptq_sweep.bits", ["w9a8"]), ("ptq_sweep.images", [0]),
     ("ptq_sweep.requant", ["rows"]), ("ptq_sweep.samples", [-1]), ("ptq_sweep.weight_calib", "lsq"),

@@ -148,10 +148,10 @@ def acc_steps(specs, params, std, per_channel):
     return out
 
 
-def build(specs, data, requant, seed=0):
+def build(specs, data, requant, seed=0, bias_grid=False):
     """(net, params, layers, input_spec, images) of a random folded-like student."""
     mean, std, shape = DATASETS[data]
-    net = make_network(specs, STUDENT, mean, std, requant=requant)
+    net = make_network(specs, STUDENT, mean, std, requant=requant, bias_grid=bias_grid)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (N_EVAL, *shape), dtype=np.uint8)
     params = folded_like(rng, net, specs, images[:N_CALIB], requant == "channel")
@@ -159,9 +159,10 @@ def build(specs, data, requant, seed=0):
     return net, params, layers, input_spec, images
 
 
-def layer_errors(net, specs, params, layers, input_spec, images, std, per_channel):
+def layer_errors(net, specs, params, layers, input_spec, images, std, per_channel, bias_grid=False):
     """Per layer, the same input codes through the float layer and the int64 reference:
-    [(name, worst excess over the tolerance in output steps, fraction of mismatches)]."""
+    [(name, worst excess over the tolerance in output steps, fraction of mismatches)].
+    With `bias_grid` the float β is the artifact's, so the bias term leaves the tolerance."""
     steps = acc_steps(specs, params, std, per_channel)
     x_float, x_int = images, np.asarray(images, np.int64)
     report = []
@@ -182,7 +183,7 @@ def layer_errors(net, specs, params, layers, input_spec, images, std, per_channe
             target = pre / s_out
             if not spec.last:
                 target = np.clip(target, 0, 2 ** spec.a_bits - 1)
-            tol = 0.5 + 0.5 * r / s_out + EPS + REL_EPS * np.abs(target).max()
+            tol = 0.5 + (0 if bias_grid else 0.5 * r / s_out) + EPS + REL_EPS * np.abs(target).max()
             excess = np.abs(y - target) - tol
             report.append((spec.name, float(excess.max()), float((excess > 0).mean())))
             if not spec.last:
@@ -200,6 +201,46 @@ def test_each_layer_matches_fake_quant(specs, data, requant):
                           requant == "channel")
     failing = [(name, round(worst, 3), round(frac, 3)) for name, worst, frac in report if worst > 0]
     assert not failing, f"integer layers off the fake-quant ones (name, worst excess in steps, fraction): {failing}"
+
+
+GRID_CASES = [c for c in _cases() if c.id.startswith(("W2A2", "W4A2", "W2A4", "W4A4", "W8A8", "mixed", "tiny_cnn"))]
+
+
+@pytest.mark.parametrize("specs,data,requant", GRID_CASES)
+def test_bias_on_the_grid_makes_every_layer_the_artifacts(specs, data, requant):
+    """model.bias_grid: each float layer is its integer layer up to the output rounding
+    (½ step + float noise, no r/2 of bias). The same parameters without it exceed that bound
+    wherever r/s_out is large: the case for the option, and proof the bound can fail."""
+    report = {}
+    for grid in (True, False):
+        net, params, layers, input_spec, images = build(specs, data, requant, bias_grid=grid)
+        report[grid] = layer_errors(net, specs, params, layers, input_spec, images[:N_CALIB], DATASETS[data][1],
+                                    requant == "channel", bias_grid=True)
+    failing = [(name, round(worst, 3), round(frac, 3)) for name, worst, frac in report[True] if worst > 0]
+    assert not failing, f"bias_grid layers off their integer layers (name, worst excess in steps, fraction): {failing}"
+    if specs[1].w_bits == 2 and specs[1].a_bits == 2:  # coarse accumulator, coarse outputs: r/s_out is large
+        assert any(worst > 0 for _, worst, _ in report[False])
+
+
+def test_bias_on_the_grid_passes_the_gradient_straight_through():
+    specs = chain_specs([(2, 2)] * 3, 8)
+    mean, std, shape = DATASETS["mnist"]
+    images = np.random.default_rng(1).integers(0, 256, (4, *shape), dtype=np.uint8)
+    grads = {}
+    for grid in (True, False):
+        net = make_network(specs, STUDENT, mean, std, bias_grid=grid)
+        params = jax.device_get(net.init(jax.random.PRNGKey(0), images[:1])["params"])
+        params["conv2"]["beta"] = np.linspace(-0.3, 0.3, 8).astype(np.float32)
+        pre = lambda b: net.apply({"params": {**params, "conv2": {**params["conv2"], "beta": b}}}, images,
+                                  stop=2, capture=True)[1][1][1].sum()
+        grads[grid] = np.asarray(jax.grad(pre)(params["conv2"]["beta"]))
+        if grid:  # and the value moved onto the grid
+            assert not np.allclose(np.asarray(net.apply({"params": params}, images, stop=2, capture=True)[1][1][1]),
+                                   np.asarray(make_network(specs, STUDENT, mean, std).apply(
+                                       {"params": params}, images, stop=2, capture=True)[1][1][1]))
+    positions = images.shape[0] * 4 * 4  # 8×8 → conv1, pool 2 → 4×4 → conv2 (3×3 SAME): 4×4 per image
+    np.testing.assert_array_equal(grads[True], np.full(8, positions, np.float32))
+    np.testing.assert_array_equal(grads[True], grads[False])
 
 
 @pytest.mark.parametrize("specs,data,requant", [c for c in _cases() if c.id.startswith(("W4A4", "W2A8", "mixed"))])

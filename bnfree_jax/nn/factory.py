@@ -21,6 +21,7 @@ class NetFactory:
     requant: str = "layer"
     act_init: float = 4.0  # every activation clip's initial value ...
     act_calibration: Optional[str] = None  # ... unless a calibrator sets them (model.act_init=NAME)
+    bias_grid: bool = False  # model.bias_grid: the student's β trained on the artifact's grid
 
     def specs(self, quantized: bool = True) -> tuple[LayerSpec, ...]:
         return self.quant_specs if quantized else self.float_specs
@@ -37,4 +38,4 @@ class NetFactory:
                 bn_axis_name: Optional[str] = None):
         """The network with `roles` (one for all layers, or one per layer)."""
         return make_network(self.specs(quantized), roles, self.mean, self.std, requant=self.requant,
-                            bn_axis_name=bn_axis_name, act_init=self.act_init)
+                            bn_axis_name=bn_axis_name, act_init=self.act_init, bias_grid=self.bias_grid)

@@ -132,6 +132,15 @@ def linear_op(spec: LayerSpec, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     return mixed_precision(op, x, w, dtype)
 
 
+def on_accumulator_grid(beta, alpha, in_step, w_scale):
+    """β as the integer artifact adds it: a whole number of accumulator units
+    r = |α|·s_x·s_w (export's round(β/r)), straight through in the backward pass. At 2
+    bits r is a tenth to a quarter of an output step, so a float β moves codes the
+    artifact does not (`model.bias_grid`)."""
+    r = jax.lax.stop_gradient(jnp.abs(alpha) * in_step * jnp.reshape(w_scale, (-1,)))
+    return beta + jax.lax.stop_gradient(r * jnp.round(beta / r) - beta)
+
+
 def max_pool(x: jnp.ndarray, window: int) -> jnp.ndarray:
     return nn.max_pool(x, (window, window), strides=(window, window), padding="VALID")
 
@@ -149,9 +158,12 @@ class Layer(nn.Module):
     inv_std: Optional[tuple[float, ...]] = None  # first layer: 1/std folded into the weights
     bn_axis_name: Optional[str] = None
     act_init: float = 4.0
+    bias_grid: bool = False  # the student's β on the artifact's accumulator grid
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, in_step=None):
+        """`in_step`: the grid step s_x of `x` (the previous layer's `out_step`), which
+        `bias_grid` needs; None leaves β as it is."""
         s = self._spec()
         if s.kind == "dense" and x.ndim > 2:
             x = x.reshape(x.shape[0], -1)
@@ -161,9 +173,10 @@ class Layer(nn.Module):
         w = kernel
         if self.inv_std is not None:
             w = w * jnp.asarray(along_input(self.inv_std, w.shape), w.dtype)
+        w_scale = None
         if s.quantized:
             if self.role == STUDENT:
-                w, _ = student_weight(w, s.w_bits, self.per_channel, s.weight_quantizer)
+                w, w_scale = student_weight(w, s.w_bits, self.per_channel, s.weight_quantizer)
             else:
                 w = teacher_weight(w, s.w_bits, self.per_channel)
         y = linear_op(s, x, w)
@@ -171,6 +184,8 @@ class Layer(nn.Module):
             alpha_shape = (s.features,) if self.per_channel else ()
             alpha = self.param("alpha", nn.initializers.ones, alpha_shape)
             beta = self.param("beta", nn.initializers.zeros, (s.features,))
+            if self.bias_grid and in_step is not None and w_scale is not None and (s.last or s.a_bits > 1):
+                beta = on_accumulator_grid(beta, alpha, in_step, w_scale)  # a sign layer's floor is exact
             pre = y * alpha.astype(y.dtype) + beta.astype(y.dtype)
         elif s.last:
             pre = y + self.param("bias", nn.initializers.zeros, (s.features,)).astype(y.dtype)
@@ -180,6 +195,16 @@ class Layer(nn.Module):
         if s.last:
             return pre, pre
         return self.activation(pre), pre
+
+    def out_step(self):
+        """The grid step of this layer's activations, the next layer's s_x: act_alpha/(2^b − 1),
+        1 for a sign; None when they are not on a grid (float activations)."""
+        s = self._spec()
+        if s.a_bits == 1:
+            return jnp.ones((), jnp.float32)
+        if s.a_bits >= FLOAT_BITS or not self.has_variable("params", "act_alpha"):
+            return None
+        return self.get_variable("params", "act_alpha") / (2 ** s.a_bits - 1)
 
     def _spec(self) -> LayerSpec:
         """The spec this trace runs: the float one inside `quantizers_bypassed(role)`."""
@@ -220,12 +245,13 @@ class Network(nn.Module):
     per_channel: bool = False
     bn_axis_name: Optional[str] = None
     act_init: float = 4.0
+    bias_grid: bool = False
 
     def setup(self):
         self.layers = [
             Layer(spec=s, role=r, per_channel=self.per_channel,
                   inv_std=self.inv_std if i == 0 else None, bn_axis_name=self.bn_axis_name,
-                  act_init=self.act_init, name=s.name)
+                  act_init=self.act_init, bias_grid=self.bias_grid, name=s.name)
             for i, (s, r) in enumerate(zip(self.specs, self.roles))
         ]
 
@@ -240,8 +266,13 @@ class Network(nn.Module):
         if start == 0:
             x = normalize_input(x, self.zero_point)
         trace = []
+        step = None  # the input's grid step, for bias_grid: pixels at 1/255, then each layer's
+        if self.bias_grid:
+            step = jnp.asarray(1.0 / 255.0, jnp.float32) if start == 0 else self.layers[start - 1].out_step()
         for layer in self.layers[start:stop]:
-            x, pre = layer(x, train)
+            x, pre = layer(x, train, in_step=step)
+            if self.bias_grid:
+                step = layer.out_step()
             if capture:
                 trace.append((x, pre))
         return (x, trace) if capture else x
@@ -249,7 +280,7 @@ class Network(nn.Module):
 
 def make_network(specs: Sequence[LayerSpec], roles: Sequence[str] | str, mean, std, *,
                  requant: str = "layer", bn_axis_name: Optional[str] = None,
-                 act_init: float = 4.0) -> Network:
+                 act_init: float = 4.0, bias_grid: bool = False) -> Network:
     """Build a Network; `roles` is one role for all layers or one per layer."""
     if requant not in ("layer", "channel"):
         raise ValueError(f"requant must be 'layer' or 'channel', got {requant!r}")
@@ -258,4 +289,4 @@ def make_network(specs: Sequence[LayerSpec], roles: Sequence[str] | str, mean, s
     return Network(specs=tuple(specs), roles=tuple(roles),
                    zero_point=tuple(int(z) for z in input_zero_point(mean)),
                    inv_std=tuple(float(1.0 / s) for s in std), per_channel=requant == "channel",
-                   bn_axis_name=bn_axis_name, act_init=act_init)
+                   bn_axis_name=bn_axis_name, act_init=act_init, bias_grid=bias_grid)

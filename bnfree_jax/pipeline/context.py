@@ -107,7 +107,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str | os.PathLike, 
     nets = NetFactory(float_specs=tuple(get_layer_specs(m.name, m.num_classes)),
                       quant_specs=tuple(quant_specs(config)),
                       mean=tuple(info.mean), std=tuple(info.std), image_shape=tuple(info.image_shape),
-                      requant=m.requant, **clip_init(m.act_init))
+                      requant=m.requant, bias_grid=setting(config, "model.bias_grid"), **clip_init(m.act_init))
     record_layer_table(config, nets.quant_specs)
     rt = Runtime(mesh=mesh, log=log, metrics_path=workdir / "metrics.jsonl",
                  save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,

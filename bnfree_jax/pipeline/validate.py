@@ -191,7 +191,7 @@ _SECTIONS = {
               "act_init": clip_init, "weight_quantizer": registered("weight"),
               "act_quantizer": registered("activation"), "plugins": each(module_name, nonempty=False),
               "plugin_sha256": each(sha256_hex, nonempty=False),  # derived: see record_plugins
-              "layers": layer_rules, "layer_table": layer_table},  # derived: context.record_layer_table
+              "layers": layer_rules, "layer_table": layer_table, "bias_grid": boolean},  # derived: context.record_layer_table
     "teacher": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
     "qat": {"steps": STEPS, "batch": BATCH, "optim": OPTIM},
     "ptl": {"batch": BATCH, "local_init_steps": COUNT, "stage_steps": STEPS, "finetune_steps": COUNT,
@@ -221,7 +221,7 @@ OPTIONAL = {"data.holdout", "ptl.own_layer_rate", "ptl.head_layers", "mesh.platf
             "checkpoint.log_every", "data.workers", "data.read_threads", "data.prefetch",
             "model.weight_quantizer", "model.act_quantizer", "model.plugins", "model.plugin_sha256",
             "model.layers", "model.layer_table", "ptl.train_own_activation", "checkpoint.grad_diagnostics",
-            "ptl.block_layers", "ptl.stage_budget", "mesh.cpu_devices", "sweep.ptl"} | {
+            "ptl.block_layers", "ptl.stage_budget", "mesh.cpu_devices", "sweep.ptl", "model.bias_grid"} | {
     f"{block}.{k}" for block in _OPTIM_BLOCKS for k in OPTIM if k not in OPTIM_REQUIRED}
 OPTIONAL_SECTIONS = ("sweep", "ptq_sweep")  # only `bnfree sweep` / `bnfree ptq-sweep` read them
 
