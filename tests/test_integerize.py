@@ -30,7 +30,7 @@ from int_reference import layer_acc, max_pool, output_stage, reference_run  # no
 
 from bnfree_jax.export.artifact import write_artifact  # noqa: E402
 from bnfree_jax.export.integerize import dyadic, integerize  # noqa: E402
-from bnfree_jax.nn.network import STUDENT, make_network  # noqa: E402
+from bnfree_jax.nn.network import STUDENT, make_network, on_accumulator_grid  # noqa: E402
 from bnfree_jax.nn.weights import student_weight  # noqa: E402
 from bnfree_jax.nn.zoo import LayerSpec, tiny_cnn, with_bits  # noqa: E402
 
@@ -241,6 +241,12 @@ def test_bias_on_the_grid_passes_the_gradient_straight_through():
     positions = images.shape[0] * 4 * 4  # 8×8 → conv1, pool 2 → 4×4 → conv2 (3×3 SAME): 4×4 per image
     np.testing.assert_array_equal(grads[True], np.full(8, positions, np.float32))
     np.testing.assert_array_equal(grads[True], grads[False])
+
+
+def test_bias_on_the_grid_of_a_zero_alpha_stays_finite():
+    beta = np.array([0.3, -0.7], np.float32)
+    out = on_accumulator_grid(beta, np.array([0.0, 2.0], np.float32), 0.25, np.float32(0.5))
+    np.testing.assert_array_equal(np.asarray(out), np.array([0.3, -0.75], np.float32))  # r = 0 keeps β; r = 0.25: −2.8 → −3
 
 
 @pytest.mark.parametrize("specs,data,requant", [c for c in _cases() if c.id.startswith(("W4A4", "W2A8", "mixed"))])

@@ -138,7 +138,9 @@ def on_accumulator_grid(beta, alpha, in_step, w_scale):
     bits r is a tenth to a quarter of an output step, so a float β moves codes the
     artifact does not (`model.bias_grid`)."""
     r = jax.lax.stop_gradient(jnp.abs(alpha) * in_step * jnp.reshape(w_scale, (-1,)))
-    return beta + jax.lax.stop_gradient(r * jnp.round(beta / r) - beta)
+    live = r > 0  # a zero α (a dead channel) has no grid, and no artifact either: β stays finite
+    on_grid = jnp.where(live, r * jnp.round(beta / jnp.where(live, r, 1.0)), beta)
+    return beta + jax.lax.stop_gradient(on_grid - beta)
 
 
 def max_pool(x: jnp.ndarray, window: int) -> jnp.ndarray:
