@@ -29,7 +29,7 @@ SPECS = tuple(with_bits(tiny_cnn(10), 4, 4, 8))
 FLOAT_SPECS = tuple(with_bits(tiny_cnn(10), 32, 32))
 PTL = dict(layer_target="tandem", local_init=False, local_init_steps=0, prefix="frozen", compensation=True,
            layer_loss_weight=1.0, ce_weight=1.0, kd_weight=1.0, stage_steps=1, finetune_steps=1,
-           own_layer_rate="slow", head_layers=1)
+           own_layer_rate="slow", head_layers=1, train_own_activation=False, block_layers=1, stage_budget="equal")
 
 
 @pytest.fixture(scope="module")
