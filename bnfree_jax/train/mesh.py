@@ -9,7 +9,6 @@ batch, and ``jax.make_array_from_process_local_data`` assembles the global array
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -24,20 +23,6 @@ _INSTALL_HINT = {"tpu": "install the TPU build with `bash launch/setup.sh --acce
                  "cpu": "run with JAX_PLATFORMS=cpu"}
 
 
-# XLA aborts the process when one participant of a CPU collective is 40 s late; N virtual
-# devices on a few loaded cores can be that late without any deadlock (an 8-device job on
-# 2 cores died so while a test suite ran beside it), so split hosts wait this long.
-CPU_COLLECTIVE_PATIENCE_S = 900
-_TERMINATE_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
-
-
-def _patient_cpu_collectives() -> None:
-    """Add the terminate timeout to XLA_FLAGS (read when the backends start) unless set."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if _TERMINATE_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {_TERMINATE_FLAG}={CPU_COLLECTIVE_PATIENCE_S}".strip()
-
-
 def use_cpu_devices(n: int) -> None:
     """Split this host's CPU into ``n`` JAX devices (0: leave JAX's default, one unless
     XLA_FLAGS asks for more).
@@ -47,12 +32,9 @@ def use_cpu_devices(n: int) -> None:
     host (bench/scaling_cpu.py);
     the mathematics is the data-parallel step's, equal up to float summation order.
     JAX fixes the device count when its backends start, so this must run before any
-    JAX operation; no effect on GPU or TPU devices. With n > 1 the CPU collectives also get
-    `CPU_COLLECTIVE_PATIENCE_S` before XLA aborts a late one (unless XLA_FLAGS sets it)."""
+    JAX operation; no effect on GPU or TPU devices."""
     if n < 0:
         raise ValueError(f"mesh.cpu_devices={n} must be 0 (JAX's default) or a device count")
-    if n > 1:
-        _patient_cpu_collectives()
     if n == 0 or jax.config.jax_num_cpu_devices == n:
         return
     try:
