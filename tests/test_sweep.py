@@ -149,6 +149,11 @@ def deep_table_reads_every_student(sweep: Path, top1: dict) -> None:
     assert {r["method"]: r.get("student_int_top1", r.get("heldout_top1")) for r in rows} == top1
     assert all(r["n_test"] == 256 for r in rows if r["method"] not in deep_plain_table.TEACHERS)
     assert "| no_comp | layer |" in deep_plain_table.markdown(rows)
+    for r in rows:  # each student names the teachers of its own sub-job
+        if r["method"] not in deep_plain_table.TEACHERS:
+            assert (r["teacher_heldout_top1"], r["qat_teacher_heldout_top1"]) == (top1["teacher"], top1["qat_teacher"])
+    only = deep_plain_table.table_rows(str(sweep), images[:256], labels[:256], log=lambda m: None, only=["scratch"])
+    assert [(r["method"], r["student_int_top1"]) for r in only] == [("scratch", top1["scratch"])]
     ledger = json.loads((sweep / "w4a4_layer_s0" / "phases.json").read_text())
     ptl = next(r for r in rows if r["method"] == "ptl")
     own = [v["seconds"] for k, v in ledger.items() if k.startswith("ptl/") or k == "export"]
